@@ -1,0 +1,76 @@
+"""Input checks shared by every attention backend: clear ``ValueError``s, never a fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from .bands import BandSpec
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: BandSpec,
+    *,
+    head_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+) -> None:
+    """Validates ``q [B, Tq, H, D]``, ``k, v [B, Tk, Hkv, D]`` against ``spec``.
+
+    Raises ``ValueError`` naming the offending value and what is allowed.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={x.dtype} is not supported; allowed: {SUPPORTED_DTYPES}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, _, h, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"q has batch {b} but k has batch {k.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"q has head_dim {d} but k has head_dim {k.shape[3]}")
+    h_kv = k.shape[2]
+    if h % h_kv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv}) for GQA")
+    if head_offset < 0 or head_offset + h > spec.n_heads:
+        raise ValueError(
+            f"head_offset={head_offset} with {h} local heads exceeds the spec's n_heads={spec.n_heads}"
+        )
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, total=q.shape[1], batch=b)
+        if k.shape[1] != q.shape[1]:
+            raise ValueError("with cu_seqlens, q and k must have the same (packed) length")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, *, total: int, batch: int) -> None:
+    """``cu_seqlens`` must be an int tensor ``[n_docs + 1]`` from 0 to ``total``, non-decreasing."""
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed to size 1, got batch={batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
+            f"shape {tuple(cu_seqlens.shape)}"
+        )
+    values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to the packed length {total}, got {values[:8]}"
+            + ("..." if len(values) > 8 else "")
+        )
+
+
+def document_spans(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """Non-empty ``(start, end)`` spans of the packed documents."""
+    values = cu_seqlens.tolist()
+    return [(a, b) for a, b in zip(values, values[1:]) if b > a]

@@ -1,0 +1,271 @@
+"""FlexAttention backend: band patterns (and the paper's Table 2 baselines) as mask_mods.
+
+A band ``mask_mod`` reads a per-document, per-head table of allowed distance intervals
+(the same table the Triton kernel consumes), so every pattern, fixed or dynamic
+partition length, head offsets, query offsets and packed documents share one
+definition. Block masks are built once per shape and cached. On CUDA the attention
+call is compiled (with a raised recompile limit, and an error instead of a silent
+eager fallback); on CPU it runs eagerly, forward only (torch has no CPU backward for
+FlexAttention).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .bands import MAX_INTERVALS, BandSpec
+from .validation import check_qkv
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_BLOCK_MASK_CACHE_SIZE = 64
+_RECOMPILE_LIMIT = 64
+
+
+def _doc_layout(
+    cu_seqlens: tuple[int, ...] | None, total: int
+) -> tuple[list[int], list[int]]:
+    """(doc start per doc, doc length per doc) for a packed sequence, or one doc."""
+    if cu_seqlens is None:
+        return [0], [total]
+    starts = list(cu_seqlens[:-1])
+    lengths = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    return starts, lengths
+
+
+def band_mask_mod(
+    spec: BandSpec,
+    *,
+    kv_len: int,
+    q_offset: int = 0,
+    head_offset: int = 0,
+    n_local_heads: int | None = None,
+    cu_seqlens: tuple[int, ...] | None = None,
+    device: torch.device | str = "cpu",
+) -> MaskMod:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for ``spec``.
+
+    ``q_idx`` is shifted by ``q_offset`` inside the key sequence. With ``cu_seqlens``
+    (packed batch of one) pairs must share a document and distances are measured
+    inside it; a dynamic partition length then resolves per document.
+    """
+    n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
+    starts, lengths = _doc_layout(cu_seqlens, kv_len)
+    table = torch.stack(
+        [
+            spec.interval_tensor(
+                length if spec.is_dynamic else None, head_offset=head_offset, n_local_heads=n_local
+            )
+            for length in lengths
+        ]
+    ).to(device)  # [n_docs, H_local, MAX_INTERVALS, 2]
+    doc_of = torch.zeros(kv_len, dtype=torch.int64)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        doc_of[s : s + n] = i
+    doc_of = doc_of.to(device)  # [Tk]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + q_offset
+        dist = q_pos - kv_idx
+        doc = doc_of[q_pos]
+        allowed = dist < 0  # all False, in the broadcast shape
+        for slot in range(MAX_INTERVALS):
+            allowed = allowed | ((dist >= table[doc, h, slot, 0]) & (dist < table[doc, h, slot, 1]))
+        return allowed & (dist >= 0) & (doc == doc_of[kv_idx])
+
+    return mask_mod
+
+
+# ---------------------------------------------------------------- Table 2 baselines
+BASELINES: tuple[str, ...] = ("longformer", "bigbird", "reformer")
+_BIGBIRD_BLOCK = 64
+_REFORMER_BUCKET = 64
+
+
+def baseline_mask_mod(name: str, seq_len: int) -> MaskMod:
+    """Causal ``mask_mod`` of a Table 2 baseline for context length ``seq_len`` (``N``).
+
+    - ``longformer``: local window ``min(256, N // 4)`` plus the first ``min(16, N // 32)``
+      tokens as global keys.
+    - ``bigbird``: local window ``min(128, N // 8)``, the first ``min(8, N // 128)`` (at
+      least 1) tokens global, and strided random-like links: query block ``qb`` sees key
+      block ``kb`` when ``(31 * qb + 17 * kb + 13 * h) % 7 == 0`` (blocks of 64 tokens).
+    - ``reformer``: hashed buckets: each position falls in one of ``max(2, N // 64)``
+      buckets by a multiplicative hash that differs per head; a query sees the keys of
+      its own bucket, and itself.
+    These are fixed, content-independent re-creations of the baselines' sparsity for
+    the throughput and quality comparisons; they are never the training path.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if name == "longformer":
+        window, n_global = min(256, seq_len // 4), min(16, seq_len // 32)
+
+        def longformer(b, h, q_idx, kv_idx):
+            dist = q_idx - kv_idx
+            return (dist >= 0) & ((dist < window) | (kv_idx < n_global))
+
+        return longformer
+    if name == "bigbird":
+        window, n_global = min(128, seq_len // 8), max(1, min(8, seq_len // 128))
+
+        def bigbird(b, h, q_idx, kv_idx):
+            dist = q_idx - kv_idx
+            qb, kb = q_idx // _BIGBIRD_BLOCK, kv_idx // _BIGBIRD_BLOCK
+            random_link = (31 * qb + 17 * kb + 13 * h) % 7 == 0
+            return (dist >= 0) & ((dist < window) | (kv_idx < n_global) | random_link)
+
+        return bigbird
+    n_buckets = max(2, seq_len // _REFORMER_BUCKET)
+
+    def reformer(b, h, q_idx, kv_idx):
+        dist = q_idx - kv_idx
+        mult = 2654435761 % 1_000_003 + 2 * h
+        same = ((q_idx * mult) % 1_000_003) % n_buckets == ((kv_idx * mult) % 1_000_003) % n_buckets
+        return (dist >= 0) & (same | (dist == 0))
+
+    return reformer
+
+
+def dense_mask_from_mod(mask_mod: MaskMod, n_heads: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """Evaluates a ``mask_mod`` on every (head, query, key): bool ``[H, Tq, Tk]`` (for tests)."""
+    h = torch.arange(n_heads)[:, None, None]
+    q = torch.arange(q_len)[None, :, None]
+    k = torch.arange(kv_len)[None, None, :]
+    return torch.broadcast_to(mask_mod(torch.zeros((), dtype=torch.int64), h, q, k), (n_heads, q_len, kv_len))
+
+
+# ---------------------------------------------------------------- block masks and calls
+@functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
+def _cached_block_mask(
+    spec: BandSpec,
+    q_len: int,
+    kv_len: int,
+    q_offset: int,
+    head_offset: int,
+    n_local_heads: int,
+    cu_seqlens: tuple[int, ...] | None,
+    device: str,
+    block_size: int,
+):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = band_mask_mod(
+        spec,
+        kv_len=kv_len,
+        q_offset=q_offset,
+        head_offset=head_offset,
+        n_local_heads=n_local_heads,
+        cu_seqlens=cu_seqlens,
+        device=device,
+    )
+    return create_block_mask(mod, None, n_local_heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
+
+
+def band_block_mask(
+    spec: BandSpec,
+    q_len: int,
+    kv_len: int,
+    *,
+    q_offset: int | None = None,
+    head_offset: int = 0,
+    n_local_heads: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    block_size: int = 128,
+):
+    """The (cached) FlexAttention ``BlockMask`` of ``spec`` for one shape.
+
+    Cached by value on every argument, so repeated calls with the same shape (every
+    training step) reuse one mask. ``q_offset`` defaults to ``kv_len - q_len``.
+    """
+    offset = kv_len - q_len if q_offset is None else q_offset
+    n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
+    cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    dev = torch.device(device)
+    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
+    return _cached_block_mask(spec, q_len, kv_len, offset, head_offset, n_local, cu, dev_str, block_size)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """``torch.compile``d flex_attention; recompiles are allowed up to a raised limit and
+    hitting the limit raises instead of silently falling back to slow eager code."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), _RECOMPILE_LIMIT))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def run_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, scale: float | None
+) -> torch.Tensor:
+    """FlexAttention on ``[B, T, H, D]`` tensors (GQA allowed): eager on CPU, compiled on CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = q.shape[2] != k.shape[2]
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, D]
+    if q.device.type == "cuda":
+        out = _compiled_flex_attention()(*args, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    else:  # eager is the only CPU path; silence torch's "not compiled" advice
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(*args, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)  # [B, Tq, H, D]
+
+
+def flex_band_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: BandSpec,
+    *,
+    head_offset: int = 0,
+    q_offset: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The ``"flex"`` backend: same arguments and result as ``band_attention``.
+
+    Raises ``ValueError`` for a CPU backward (not supported by torch's FlexAttention).
+    """
+    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError(
+            "backend='flex' has no backward on CPU (torch's FlexAttention); use backend='torch' "
+            "for training on CPU, or run under torch.no_grad()"
+        )
+    block_mask = band_block_mask(
+        spec, q.shape[1], k.shape[1], q_offset=q_offset, head_offset=head_offset,
+        n_local_heads=q.shape[2], cu_seqlens=cu_seqlens, device=q.device,
+    )
+    return run_flex(q, k, v, block_mask, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+
+
+def flex_baseline_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, *, scale: float | None = None
+) -> torch.Tensor:
+    """Self-attention ``[B, T, H, D]`` under a Table 2 baseline mask (Longformer, BigBird, Reformer)."""
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"baselines are self-attention: q has {q.shape[1]} tokens, k has {k.shape[1]}")
+    block_mask = _baseline_block_mask(name, q.shape[1], q.shape[2], str(q.device))
+    return run_flex(q, k, v, block_mask, scale=scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _baseline_block_mask(name: str, seq_len: int, n_heads: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(baseline_mask_mod(name, seq_len), None, n_heads, seq_len, seq_len, device=device)

@@ -71,18 +71,17 @@ def reference_attention(
     Empty rows (no allowed key) give zero output and ``lse = -inf``. ``q_offset`` places
     the queries inside the key sequence (default: the last ``Tq`` key positions).
     ``cu_seqlens`` (int, ``[n_docs + 1]``) splits a packed ``B = 1`` batch into documents
-    that attend only within themselves, each with its own distances. Output is float64.
+    that attend only within themselves, each with its own distances. Output is float64
+    and differentiable (empty rows get zero gradient), so it is the gradient oracle too.
     """
     check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
-    q64, k64, v64 = (x.detach().to(torch.float64) for x in (q, k, v))
+    q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
     h = q.shape[2]
     k64, v64 = _expand_kv(k64, h), _expand_kv(v64, h)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    b, tq, _, d = q.shape
-    tk = k.shape[1]
+    tq, tk = q.shape[1], k.shape[1]
     default_offset = tk - tq if q_offset is None else q_offset
-    out = torch.zeros(b, tq, h, v.shape[-1], dtype=torch.float64, device=q.device)
-    lse = torch.full((b, h, tq), float("-inf"), dtype=torch.float64, device=q.device)
+    outs, lses = [], []
     for bi, qs, ks, off in _segments(q, k, cu_seqlens, default_offset):
         qq = q64[bi, qs].transpose(0, 1)  # [H, Tq, D]
         kk = k64[bi, ks].transpose(0, 1)  # [H, Tk, D]
@@ -91,14 +90,17 @@ def reference_attention(
             spec, qq.shape[1], kk.shape[1], q_offset=off, head_offset=head_offset,
             n_local_heads=h, device=q.device,
         )  # [H, Tq, Tk]
-        scores = torch.einsum("hqd,hkd->hqk", qq, kk) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]
-        probs = torch.exp(scores - row_lse[..., None].clamp_min(-1e300))
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        out[bi, qs] = torch.einsum("hqk,hkd->hqd", probs, vv).transpose(0, 1)
-        lse[bi, :, qs] = row_lse
-    return out, lse
+        scores = (torch.einsum("hqd,hkd->hqk", qq, kk) * scale).masked_fill(~mask, float("-inf"))
+        has_key = mask.any(dim=-1, keepdim=True)  # [H, Tq, 1]
+        row_max = torch.where(has_key, scores.amax(dim=-1, keepdim=True), 0.0).detach()
+        weights = torch.exp(scores - row_max)  # exactly 0 where masked, finite gradients
+        total = weights.sum(dim=-1, keepdim=True)  # [H, Tq, 1]
+        out = torch.einsum("hqk,hkd->hqd", weights, vv) / torch.where(has_key, total, 1.0)
+        outs.append(out.transpose(0, 1))  # [Tq, H, Dv]
+        lses.append((torch.log(total) + row_max).squeeze(-1))  # [H, Tq]; -inf on empty rows
+    if cu_seqlens is None:
+        return torch.stack(outs), torch.stack(lses)
+    return torch.cat(outs)[None], torch.cat(lses, dim=-1)[None]
 
 
 def sdpa_band_attention(

@@ -1,9 +1,16 @@
-"""Shared pytest set-up: GPU-marked tests run only where CUDA is available."""
+"""Shared pytest set-up: GPU-marked tests run only where CUDA is available, and without a
+GPU the Triton kernels run through Triton's CPU interpreter."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit kernel is defined (i.e. before olmoe_spattn.kernels loads).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -49,8 +49,8 @@ class Case:
 
         return make(self.q_len, h), make(tk, hkv), make(tk, hkv)
 
-    def kwargs(self) -> dict:
-        cu = None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens, dtype=torch.int32)
+    def kwargs(self, device: str | torch.device = "cpu") -> dict:
+        cu = None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
         return {"head_offset": self.head_offset, "cu_seqlens": cu}
 
 
@@ -80,9 +80,9 @@ def assert_within_rule(name: str, got: torch.Tensor, lowp: torch.Tensor, ref64: 
 
 def reference_outputs(case: Case, q, k, v):
     """(float64 output, lse) of the oracle for ``case``."""
-    return reference_attention(q, k, v, case.spec, **case.kwargs())
+    return reference_attention(q, k, v, case.spec, **case.kwargs(q.device))
 
 
 def lowp_sdpa(case: Case, q, k, v):
     """Masked SDPA in the inputs' dtype: the low-precision comparator."""
-    return sdpa_band_attention(q, k, v, case.spec, **case.kwargs())
+    return sdpa_band_attention(q, k, v, case.spec, **case.kwargs(q.device))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -76,6 +77,8 @@ def make_fa4_band_fn(
     """
     from flash_attn.cute import flash_attn_func
 
+    # CuTe DSL warns on every compile that the aux-tensor bundle is not a JIT argument; harmless.
+    warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted")
     if spec.pattern == "dense":
 
         def fa4_causal(q, k, v):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..bands import DYNAMIC, PATTERNS, BandSpec
-from .timing import Timing, describe_error, measure_interleaved, peak_memory_bytes
+from .timing import Timing, describe_error, measure_interleaved, peak_memory_bytes, warm_up_device
 
 Shape = tuple[int, int, int, int]  # (B, H, T, D)
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -143,6 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 3; quick 2)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per round (default 5; quick 3)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 2)")
+    parser.add_argument(
+        "--min-round-ms", type=float, default=None,
+        help="time each variant for at least this long per round, adding calls (default on CUDA 50, quick 20)",
+    )
     parser.add_argument(
         "--time-budget", type=float, default=None,
         help="seconds; shapes/patterns not started by then are recorded as skipped (default: none)",
@@ -292,6 +296,7 @@ class Settings:
     partition_len: int | str
     time_budget_s: float | None
     seed: int = 0
+    min_round_ms: float = 0.0
 
 
 def _fwd_bwd(fn: AttnFn, q, k, v, dout) -> Callable[[], object]:
@@ -326,7 +331,10 @@ def bench_group(
 ) -> tuple[dict[str, Timing], dict[str, Timing], dict[str, int | None], dict[str, str]]:
     """Times ``fns`` side by side (forward, then forward+backward) and measures peak memory."""
     q, k, v, dout = tensors
-    kw = dict(device=device, warmup=settings.warmup, iters=settings.iters, rounds=settings.rounds)
+    kw = dict(
+        device=device, warmup=settings.warmup, iters=settings.iters, rounds=settings.rounds,
+        min_round_ms=settings.min_round_ms,
+    )
     fwd = measure_interleaved({n: _fwd(f, q, k, v) for n, f in fns.items()}, **kw)
     bwd: dict[str, Timing] = {}
     peaks: dict[str, int | None] = {}
@@ -464,7 +472,6 @@ def run_shape(
         flops = attention_flops(allowed_pairs(spec, t, h), b, d)
         for name, row in pattern_rows.items():
             if name not in fns:
-                rows.append(row)
                 continue
             _fill_timing(row, fwd.get(name), bwd.get(name), flops)
             if name in notes:
@@ -474,15 +481,17 @@ def run_shape(
                 row.io_mib = io_bytes / 2**20
                 row.peak_over_io = peaks[name] / io_bytes
             row.max_err = errs.get(name)
-            # ratios against this pattern's flex and this group's cuDNN samples
-            base = pattern_rows.get(FLEX_REF)
-            if base is not None and name != FLEX_REF:
-                row.speedup_vs_flex_fwd = _ratio(base.fwd_ms, row.fwd_ms)
-                row.speedup_vs_flex_fwdbwd = _ratio(base.fwdbwd_ms, row.fwdbwd_ms)
-            if f"dense:{DENSE_REF}" in fwd:
-                row.speedup_vs_cudnn_fwd = _ratio(fwd[f"dense:{DENSE_REF}"].median_ms, row.fwd_ms)
-                if f"dense:{DENSE_REF}" in bwd:
-                    row.speedup_vs_cudnn_fwdbwd = _ratio(bwd[f"dense:{DENSE_REF}"].median_ms, row.fwdbwd_ms)
+        for name, row in pattern_rows.items():
+            if name in fns:
+                # ratios against this pattern's flex and this group's cuDNN samples
+                base = pattern_rows.get(FLEX_REF)
+                if base is not None and name != FLEX_REF:
+                    row.speedup_vs_flex_fwd = _ratio(base.fwd_ms, row.fwd_ms)
+                    row.speedup_vs_flex_fwdbwd = _ratio(base.fwdbwd_ms, row.fwdbwd_ms)
+                if f"dense:{DENSE_REF}" in fwd:
+                    row.speedup_vs_cudnn_fwd = _ratio(fwd[f"dense:{DENSE_REF}"].median_ms, row.fwd_ms)
+                    if f"dense:{DENSE_REF}" in bwd:
+                        row.speedup_vs_cudnn_fwdbwd = _ratio(bwd[f"dense:{DENSE_REF}"].median_ms, row.fwdbwd_ms)
             rows.append(row)
             log(f"    {_row_line(row)}")
     dense_flops = attention_flops(allowed_pairs(None, t, h), b, d)
@@ -662,6 +671,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
         partition_len=args.partition_len,
         time_budget_s=args.time_budget,
         seed=args.seed,
+        min_round_ms=args.min_round_ms if args.min_round_ms is not None else (
+            (20.0 if quick else 50.0) if device.type == "cuda" else 0.0
+        ),
     )
     if args.shapes:
         shapes = args.shapes
@@ -699,6 +711,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"  ours (Triton): {ours_ok[1]}")
     if "fa4" in backends and not fa4_ok[0]:
         log(f"  fa4: {fa4_ok[1]}")
+    warm_up_device(device, 2.0)
     start = time.monotonic()
     deadline = start + settings.time_budget_s if settings.time_budget_s else None
     data = {

@@ -8,6 +8,7 @@ bracketed by CUDA events; on CPU by ``time.perf_counter``.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -68,6 +69,19 @@ def _time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> l
     return out
 
 
+def warm_up_device(device: torch.device, seconds: float = 1.0) -> None:
+    """Keeps the GPU busy with large matmuls for ``seconds`` so clocks ramp up before timing."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(device)
+    del a
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], object]],
     *,
@@ -75,21 +89,28 @@ def measure_interleaved(
     warmup: int = 3,
     iters: int = 5,
     rounds: int = 3,
+    min_round_ms: float = 0.0,
+    max_iters: int = 100,
 ) -> dict[str, Timing]:
     """Medians of every function in ``fns``, measured side by side.
 
     Each function is first called ``warmup`` times (compilation, autotuning, caches);
     a function that raises there is recorded with its error and left out. Then, for
-    ``rounds`` rounds, each remaining function is timed for ``iters`` calls, the order
+    ``rounds`` rounds, each remaining function is timed for ``iters`` calls (more, up
+    to ``max_iters``, when fewer would take less than ``min_round_ms``), the order
     rotating by one every round so no variant always runs first or last.
     """
     results = {name: Timing() for name in fns}
+    n_calls = {name: iters for name in fns}
     live = []
     for name, fn in fns.items():
         try:
             for _ in range(warmup):
                 fn()
             _sync(device)
+            if min_round_ms > 0:
+                estimate = statistics.median(_time_calls(fn, 2, device))
+                n_calls[name] = int(min(max_iters, max(iters, math.ceil(min_round_ms / max(estimate, 1e-3)))))
             live.append(name)
         except Exception as err:  # noqa: BLE001 - one failing variant must not stop the others
             results[name].error = describe_error(err)
@@ -101,7 +122,7 @@ def measure_interleaved(
             if results[name].error is not None:
                 continue
             try:
-                results[name].samples_ms.extend(_time_calls(fns[name], iters, device))
+                results[name].samples_ms.extend(_time_calls(fns[name], n_calls[name], device))
             except Exception as err:  # noqa: BLE001
                 results[name].error = describe_error(err)
     return results

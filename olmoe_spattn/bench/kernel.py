@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the forward error check vs the reference")
     parser.add_argument("--quick", action="store_true", help="short run: fewer shapes, rounds and repeats")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 3; quick 2)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per round (default 5; quick 3)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per round, at least (default 3)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 2)")
     parser.add_argument(
         "--min-round-ms", type=float, default=None,
@@ -530,8 +530,55 @@ def _row_line(row: Row) -> str:
 
 
 # ---------------------------------------------------------------- outputs
+def summary_markdown(data: dict) -> list[str]:
+    """Compact table: fwd+bwd ms of each band backend per (shape, pattern), cuDNN dense, ratios."""
+    res = data["results"]
+    band = [b for b in ("ours", "flex", "fa4", "torch") if any(r["backend"] == b for r in res)]
+    cudnn = {tuple(r["shape"]): r for r in res if r["backend"] == DENSE_REF}
+    cells = {(tuple(r["shape"]), r["pattern"], r["backend"]): r for r in res}
+    keys = list(dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in res if r["pattern"] != "dense_causal"))
+    if not keys:
+        return []
+    head = " | ".join(f"{b} ms" for b in band)
+    lines = [
+        "Summary, forward+backward ms (forward ms in brackets):",
+        "",
+        f"| B,H,T,D | pattern | {head} | cuDNN dense ms | ours vs flex | ours vs fa4 | ours vs cuDNN |",
+        "|---|---|" + "---:|" * (len(band) + 4),
+    ]
+
+    def ms(r: dict | None) -> str:
+        if r is None or (r["fwdbwd_ms"] is None and r["fwd_ms"] is None):
+            return "n/a" if r is None or r["status"] == "n/a" else r["status"]
+        return f"{_fmt(r['fwdbwd_ms'])} ({_fmt(r['fwd_ms'])})"
+
+    def ratio(a: dict | None, b: dict | None) -> str:
+        if not a or not b:
+            return "-"
+        x = _ratio(b["fwdbwd_ms"], a["fwdbwd_ms"])
+        y = _ratio(b["fwd_ms"], a["fwd_ms"])
+        return f"{_fmt(x, '.2f')} ({_fmt(y, '.2f')})" if (x or y) else "-"
+
+    for shape, pattern in keys:
+        mine = cells.get((shape, pattern, "ours"))
+        row = [ms(cells.get((shape, pattern, b))) for b in band]
+        lines.append(
+            f"| {','.join(map(str, shape))} | {pattern} | " + " | ".join(row)
+            + f" | {ms(cudnn.get(shape))} | {ratio(mine, cells.get((shape, pattern, 'flex')))}"
+            f" | {ratio(mine, cells.get((shape, pattern, 'fa4')))} | {ratio(mine, cudnn.get(shape))} |"
+        )
+    longest = max(keys, key=lambda k: k[0][2])[0]
+    mem = [r for r in res if tuple(r["shape"]) == longest and r["backend"] == "ours" and r["peak_over_io"]]
+    if mem:
+        lines += ["", f"Peak memory of ours at B,H,T,D = {','.join(map(str, longest))} (fwd+bwd, inputs, "
+                  "outputs and gradients included) vs q,k,v,out,dout,dq,dk,dv (target: within 10%):"]
+        lines += [f"- {r['pattern']}: {r['peak_mib']:.0f} MiB = {r['peak_over_io']:.3f} x {r['io_mib']:.0f} MiB"
+                  for r in mem]
+    return lines + [""]
+
+
 def to_markdown(data: dict) -> str:
-    """The results as a Markdown table (one line per measured row), with a header."""
+    """The results as Markdown: a header, a summary table, then every measured row."""
     lines = [
         f"### Kernel benchmark: {data['gpu']}, {data['date']}",
         "",
@@ -542,6 +589,9 @@ def to_markdown(data: dict) -> str:
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
         f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = max allocated during fwd+bwd, "
         "inputs included; io = q,k,v,out,dout,dq,dk,dv.",
+        "",
+        *summary_markdown(data),
+        "All rows:",
         "",
         "| B,H,T,D | pattern | backend | fwd ms | fwd+bwd ms | vs flex | vs cuDNN dense | TFLOP/s fwd / fwd+bwd "
         "| peak MiB (x io) | max err | note |",
@@ -664,7 +714,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
         device=device.type,
         dtype=dtype_name,
         warmup=args.warmup if args.warmup is not None else (2 if quick else 3),
-        iters=args.iters if args.iters is not None else (3 if quick else 5),
+        iters=args.iters if args.iters is not None else 3,
         rounds=args.rounds if args.rounds is not None else (2 if quick else 3),
         backward=not args.no_backward,
         check=not args.no_check,

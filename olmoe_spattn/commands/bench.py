@@ -22,14 +22,20 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def _load(kind: str):
-    """The module of ``kind``, or ``None`` when it is not part of this installation."""
+    """``(module, "")`` for ``kind``, or ``(None, why)`` when it cannot be imported here.
+
+    Any import failure is caught, so one broken or missing benchmark never breaks the
+    whole command line (every subcommand's parser is built at start-up).
+    """
     module, _ = KINDS[kind]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(module), ""
     except ModuleNotFoundError as err:
         if err.name is not None and module.startswith(err.name):
-            return None  # the module itself is missing (not one of its imports)
-        raise
+            return None, f"module {module} is missing"
+        return None, f"{module} needs {err.name!r}, which is not installed"
+    except Exception as err:  # noqa: BLE001 - report, do not crash the CLI
+        return None, f"{module} failed to import ({type(err).__name__}: {err})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="bench_kind", metavar="<kind>")
     sub.required = True
-    for kind, (module, help_text) in KINDS.items():
-        mod = _load(kind)
+    for kind, (_module, help_text) in KINDS.items():
+        mod, why = _load(kind)
         if mod is None:
-            p = sub.add_parser(kind, help=f"{help_text} (not available: {module} is missing)",
-                               description=f"{help_text}. Not available here: module {module} is missing.")
+            p = sub.add_parser(kind, help=f"{help_text} (not available: {why})",
+                               description=f"{help_text}. Not available here: {why}.")
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(_bench_missing=module)
+            p.set_defaults(_bench_missing=why)
             continue
         p = sub.add_parser(kind, help=help_text, description=(mod.__doc__ or help_text).replace("``", "`").strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     """Dispatches to the chosen kind's ``run(args)``."""
     missing = getattr(args, "_bench_missing", None)
     if missing:
-        raise ValueError(
-            f"'bench {args.bench_kind}' is not available in this installation: module {missing} is missing"
-        )
-    mod = _load(args.bench_kind)
+        raise ValueError(f"'bench {args.bench_kind}' is not available in this installation: {missing}")
+    mod, why = _load(args.bench_kind)
+    if mod is None:
+        raise ValueError(f"'bench {args.bench_kind}' is not available in this installation: {why}")
     return int(mod.run(args) or 0)

@@ -78,3 +78,20 @@ def test_bench_train_missing_module_is_a_clear_error(capsys):
         pytest.skip("olmoe_spattn.bench.train exists: nothing missing to report")
     assert main(["bench", "train"]) == 2
     assert "olmoe_spattn.bench.train is missing" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_quick_run_agrees_with_masked_sdpa(tmp_path):
+    status = main([
+        "bench", "kernel", "--device", "cuda", "--shapes", "2,4,512,64",
+        "--patterns", "exclusive_bands,spattention", "--backends", "flex,torch,cudnn_dense",
+        "--out-dir", str(tmp_path), "--no-plot", "--warmup", "1", "--rounds", "1", "--min-round-ms", "1",
+    ])
+    assert status == 0
+    rows = {(r["pattern"], r["backend"]): r for r in json.loads((tmp_path / "kernel_bench.json").read_text())["results"]}
+    for pattern in ("exclusive_bands", "spattention"):
+        row = rows[(pattern, "torch")]
+        assert row["status"] == "ok" and row["fwdbwd_ms"] > 0 and row["peak_over_io"] >= 1.0
+        assert row["max_err"] < 2e-2 and row["max_grad_err"] < 5e-2  # bf16 masked SDPA vs compiled Flex
+        assert row["speedup_vs_flex_fwdbwd"] > 0 and row["speedup_vs_cudnn_fwdbwd"] > 0
+    assert rows[("dense_causal", "cudnn_dense")]["fwdbwd_ms"] > 0

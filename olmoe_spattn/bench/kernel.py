@@ -184,6 +184,7 @@ class Row:
     io_mib: float | None = None
     peak_over_io: float | None = None
     max_err: float | None = None
+    max_grad_err: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -328,8 +329,13 @@ def bench_group(
     tensors: tuple[torch.Tensor, ...],
     settings: Settings,
     device: torch.device,
-) -> tuple[dict[str, Timing], dict[str, Timing], dict[str, int | None], dict[str, str]]:
-    """Times ``fns`` side by side (forward, then forward+backward) and measures peak memory."""
+    ref_name: str | None = None,
+) -> tuple[dict[str, Timing], dict[str, Timing], dict[str, int | None], dict[str, str], dict[str, float]]:
+    """Times ``fns`` side by side (forward, then forward+backward) and measures peak memory.
+
+    With ``settings.check``, also returns each band variant's largest gradient error
+    (max over dq, dk, dv of max |grad - ref grad|) against ``ref_name``'s gradients.
+    """
     q, k, v, dout = tensors
     kw = dict(
         device=device, warmup=settings.warmup, iters=settings.iters, rounds=settings.rounds,
@@ -339,8 +345,8 @@ def bench_group(
     bwd: dict[str, Timing] = {}
     peaks: dict[str, int | None] = {}
     notes: dict[str, str] = {}
+    bwd_fns: dict[str, Callable[[], object]] = {}
     if settings.backward:
-        bwd_fns = {}
         for name, fn in fns.items():
             ok, why = _supports_backward(name, device)
             if ok:
@@ -354,7 +360,26 @@ def bench_group(
                     peaks[name] = peak_memory_bytes(step, device)
                 except Exception as err:  # noqa: BLE001
                     notes[name] = f"peak memory: {describe_error(err)}"
-    return fwd, bwd, peaks, notes
+    grad_errs = _grad_errs(bwd_fns, bwd, ref_name) if settings.backward and settings.check else {}
+    return fwd, bwd, peaks, notes, grad_errs
+
+
+def _grad_errs(steps: dict[str, Callable[[], object]], timings: dict[str, Timing], ref_name: str | None):
+    """Largest |dq, dk, dv - reference| of each band variant (dense baselines left out)."""
+    if ref_name is None or ref_name not in steps or timings[ref_name].error is not None:
+        return {}
+    ref = steps[ref_name]()
+    errs = {ref_name: 0.0}
+    for name, step in steps.items():
+        if name == ref_name or name.startswith("dense:") or timings[name].error is not None:
+            continue
+        try:
+            got = step()
+            errs[name] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref))
+        except Exception:  # noqa: BLE001 - the timing pass already reports failures
+            continue
+        del got
+    return errs
 
 
 def _max_err(fns: dict[str, AttnFn], ref_name: str | None, q, k, v) -> dict[str, float]:
@@ -458,7 +483,8 @@ def run_shape(
         errs = {} if not settings.check else _max_err(fns, ref if ref in fns else None, q, k, v)
         group = {**fns, **{f"dense:{n}": f for n, f in dense_fns.items()}}
         t0 = time.monotonic()
-        fwd, bwd, peaks, notes = bench_group(group, tensors, settings, device)
+        ref_name = ref if ref in fns else None
+        fwd, bwd, peaks, notes, grad_errs = bench_group(group, tensors, settings, device, ref_name)
         log(f"  {pattern:<16} measured {len(group)} variants in {time.monotonic() - t0:.1f}s")
         for n in dense_fns:
             key = f"dense:{n}"
@@ -481,6 +507,7 @@ def run_shape(
                 row.io_mib = io_bytes / 2**20
                 row.peak_over_io = peaks[name] / io_bytes
             row.max_err = errs.get(name)
+            row.max_grad_err = grad_errs.get(name)
         for name, row in pattern_rows.items():
             if name in fns:
                 # ratios against this pattern's flex and this group's cuDNN samples
@@ -588,13 +615,14 @@ def to_markdown(data: dict) -> str:
         f"{data['settings']['iters']} calls; partition length N = {data['settings']['partition_len']}.",
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
         f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = max allocated during fwd+bwd, "
-        "inputs included; io = q,k,v,out,dout,dq,dk,dv.",
+        "inputs included; io = q,k,v,out,dout,dq,dk,dv; max err = largest |output - reference| and "
+        "|dq,dk,dv - reference| (reference: flex on CUDA, masked SDPA on CPU).",
         "",
         *summary_markdown(data),
         "All rows:",
         "",
         "| B,H,T,D | pattern | backend | fwd ms | fwd+bwd ms | vs flex | vs cuDNN dense | TFLOP/s fwd / fwd+bwd "
-        "| peak MiB (x io) | max err | note |",
+        "| peak MiB (x io) | max err out / grad | note |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in data["results"]:
@@ -612,7 +640,7 @@ def to_markdown(data: dict) -> str:
             f"| {','.join(map(str, r['shape']))} | {r['pattern']} | {r['backend']} | {_fmt(r['fwd_ms'])} "
             f"| {_fmt(r['fwdbwd_ms'])} | {vs_flex} | {vs_cudnn} "
             f"| {_fmt(r['tflops_fwd'], '.3g')} / {_fmt(r['tflops_fwdbwd'], '.3g')} | {peak} "
-            f"| {_fmt(r['max_err'], '.2e')} | {note.replace('|', '/')} |"
+            f"| {_fmt(r['max_err'], '.1e')} / {_fmt(r.get('max_grad_err'), '.1e')} | {note.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
 

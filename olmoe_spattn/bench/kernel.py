@@ -803,6 +803,7 @@ def run(args: argparse.Namespace) -> int:
         "backends": backends,
         "patterns": args.patterns,
         "availability": {"ours": ours_ok[1], "fa4": fa4_ok[1]},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OLMOE_SPATTN_", "TRITON_INTERPRET"))},
         "results": [],
     }
     status = 0

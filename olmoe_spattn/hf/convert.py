@@ -1,0 +1,318 @@
+"""``convert to-hf`` / ``convert from-hf``: OLMo-core checkpoints <-> HF directories.
+
+A HF directory written here holds ``model.safetensors`` (FlexOlmo names),
+``config.json`` (model_type ``olmoe_spattn`` with ``attention_pattern``,
+``partition_len``, ``band_n_heads``), the tokenizer files, a ``README.md`` saying how to
+load it, and two tiny modules for ``trust_remote_code=True`` users whose only content
+is an import of this package (so plain ``lm_eval --model hf`` works, and without the
+package installed transformers stops with "requires ... olmoe_spattn").
+
+An OLMo-core checkpoint is either a training step folder (``config.json`` with the
+experiment config plus ``model_and_optim/`` in ``torch.distributed.checkpoint``
+format) or an unsharded one (``model.safetensors`` or a ``weights_only`` ``.pt`` file,
+with the experiment ``config.json`` beside it). ``from-hf`` writes the unsharded form.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bands import BandSpec
+from .checkpoint_io import (
+    CheckpointError,
+    check_dcp_metadata,
+    read_hf_weights,
+    read_json,
+    read_safetensors,
+    read_torch_weights,
+)
+from .config_map import band_spec_of_model_config, hf_config_from_olmo_core, moe_shape_of, moe_shape_of_hf
+from .configuration import HOW_TO_LOAD, MODEL_TYPE, OlmoeSpattnConfig
+from .state import hf_to_olmo_core, olmo_core_to_hf
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+_SHIM_CONFIG = '''"""Loads an olmoe-spattn band checkpoint; needs `pip install olmoe-spattn`."""
+from olmoe_spattn.hf import OlmoeSpattnConfig  # noqa: F401
+'''
+_SHIM_MODEL = '''"""Loads an olmoe-spattn band checkpoint; needs `pip install olmoe-spattn`."""
+from olmoe_spattn.hf import OlmoeSpattnForCausalLM, OlmoeSpattnModel  # noqa: F401
+'''
+AUTO_MAP = {
+    "AutoConfig": "configuration_olmoe_spattn.OlmoeSpattnConfig",
+    "AutoModel": "modeling_olmoe_spattn.OlmoeSpattnModel",
+    "AutoModelForCausalLM": "modeling_olmoe_spattn.OlmoeSpattnForCausalLM",
+}
+
+
+@dataclass
+class OlmoCoreCheckpoint:
+    """An OLMo-core model: its config, its flat state dict, and the experiment config."""
+
+    model_config: Any
+    state: dict[str, torch.Tensor]
+    experiment: dict[str, Any]
+    source_dir: Path
+
+
+def _import_integration() -> None:
+    """Registers our OLMo-core attention config classes (needed by ``from_dict``)."""
+    try:
+        import olmoe_spattn.olmo  # noqa: F401
+    except ImportError:
+        pass
+
+
+def model_config_from_experiment(experiment: dict[str, Any], where: Path) -> Any:
+    """``TransformerConfig`` from an OLMo-core experiment (or bare model) config dict."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    _import_integration()
+    model = experiment.get("model", None)
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{where} has no 'model' section (not an OLMo-core experiment config)")
+    model = {k: v for k, v in model.items() if k not in ("compile", "dp_config", "tp_config", "float8_config")}
+    try:
+        return TransformerConfig.from_dict(model)
+    except Exception as err:  # noqa: BLE001 - olmo_core raises many types here
+        raise CheckpointError(f"cannot read the model config in {where}: {err}") from err
+
+
+def _locate(checkpoint: Path) -> tuple[str, Path, Path]:
+    """``(kind, weights_path, config_path)`` with kind ``dcp`` | ``safetensors`` | ``torch``."""
+    if not checkpoint.exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    if checkpoint.is_dir():
+        if (checkpoint / "model_and_optim" / ".metadata").is_file():
+            return "dcp", checkpoint / "model_and_optim", checkpoint / "config.json"
+        if (checkpoint / ".metadata").is_file():
+            return "dcp", checkpoint, checkpoint.parent / "config.json"
+        if (checkpoint / "model.safetensors").is_file():
+            return "safetensors", checkpoint / "model.safetensors", checkpoint / "config.json"
+        for name in ("model.pt", "model.bin"):
+            if (checkpoint / name).is_file():
+                return "torch", checkpoint / name, checkpoint / "config.json"
+        raise CheckpointError(
+            f"{checkpoint} is not an OLMo-core checkpoint: expected model_and_optim/.metadata, "
+            ".metadata, model.safetensors or model.pt"
+        )
+    kind = "safetensors" if checkpoint.suffix == ".safetensors" else "torch"
+    return kind, checkpoint, checkpoint.parent / "config.json"
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_olmo_core_checkpoint(checkpoint: str | Path, *, config_path: str | Path | None = None) -> OlmoCoreCheckpoint:
+    """Reads an OLMo-core checkpoint (distributed or unsharded) onto the CPU."""
+    checkpoint = Path(checkpoint)
+    kind, weights, default_config = _locate(checkpoint)
+    config_file = Path(config_path) if config_path is not None else default_config
+    experiment = read_json(config_file)
+    model_config = model_config_from_experiment(experiment, config_file)
+    if kind == "safetensors":
+        state = _strip_prefix(read_safetensors(weights))
+    elif kind == "torch":
+        state = _strip_prefix(read_torch_weights(weights))
+    else:
+        state = _load_dcp(weights, model_config)
+    return OlmoCoreCheckpoint(model_config, state, experiment, config_file.parent)
+
+
+def _load_dcp(dcp_dir: Path, model_config: Any) -> dict[str, torch.Tensor]:
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state
+
+    check_dcp_metadata(dcp_dir)
+    model = model_config.build(init_device="meta")
+    model.to_empty(device=torch.device("cpu"))
+    try:
+        with tempfile.TemporaryDirectory() as work_dir:
+            load_model_and_optim_state(dcp_dir, model, work_dir=work_dir)
+    except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException, RuntimeError, ...
+        raise CheckpointError(f"cannot read distributed checkpoint {dcp_dir} (corrupted or truncated?): {err}") from err
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ tokenizer
+def _tokenizer_source(explicit: str | Path | None, checkpoint_dir: Path) -> Path | None:
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.exists():
+            raise CheckpointError(f"tokenizer {path} does not exist")
+        return path
+    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def save_tokenizer(source: Path, out_dir: Path, token_ids: dict[str, int | None]) -> None:
+    """Writes HF tokenizer files into ``out_dir`` from a directory or a ``tokenizer.json``."""
+    from transformers import PreTrainedTokenizerFast
+
+    if source.is_dir() and (source / "tokenizer_config.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, out_dir / name)
+        return
+    file = source / "tokenizer.json" if source.is_dir() else source
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(file))
+    for role in ("bos", "eos", "pad"):
+        tid = token_ids.get(f"{role}_token_id")
+        if tid is not None:
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(tid)))
+    tok.save_pretrained(str(out_dir))
+
+
+# ------------------------------------------------------------------ HF directory
+def _readme(config: OlmoeSpattnConfig) -> str:
+    return (
+        f"# olmoe-spattn checkpoint ({config.attention_pattern}, partition_len={config.partition_len})\n\n"
+        f"model_type `{MODEL_TYPE}`: {HOW_TO_LOAD}.\n\n"
+        "```python\nimport olmoe_spattn.hf  # registers the Auto classes and the band attention\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+    )
+
+
+def write_hf_dir(out_dir: str | Path, config: OlmoeSpattnConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Writes config, safetensors weights, README and the import shims to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["OlmoeSpattnForCausalLM"]
+    config.save_pretrained(str(out))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "configuration_olmoe_spattn.py").write_text(_SHIM_CONFIG)
+    (out / "modeling_olmoe_spattn.py").write_text(_SHIM_MODEL)
+    (out / "README.md").write_text(_readme(config))
+    return out
+
+
+def read_hf_dir(model_dir: str | Path) -> tuple[OlmoeSpattnConfig, dict[str, torch.Tensor]]:
+    """Config and weights of a HF directory written by :func:`write_hf_dir`."""
+    model_dir = Path(model_dir)
+    raw = read_json(model_dir / "config.json")
+    if raw.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{model_dir} has model_type {raw.get('model_type')!r}; only {MODEL_TYPE!r} directories "
+            "(written by `olmoe-spattn convert to-hf`) are converted back"
+        )
+    config = OlmoeSpattnConfig.from_pretrained(str(model_dir))
+    return config, read_hf_weights(model_dir)
+
+
+# ------------------------------------------------------------------ both directions
+def convert_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    config_path: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """OLMo-core checkpoint -> HF directory; returns ``out_dir``."""
+    ckpt = load_olmo_core_checkpoint(checkpoint, config_path=config_path)
+    tok_cfg = ckpt.experiment.get("dataset", {}).get("tokenizer") if isinstance(ckpt.experiment.get("dataset"), dict) else None
+    tok_cfg = tok_cfg or ckpt.experiment.get("tokenizer") or {}
+    ids = {f"{r}_token_id": tok_cfg.get(f"{r}_token_id") for r in ("bos", "eos", "pad")}
+    spec = band_spec_of_model_config(ckpt.model_config)
+    hf_config = hf_config_from_olmo_core(ckpt.model_config, spec=spec, **ids)
+    state = olmo_core_to_hf(ckpt.state, moe_shape_of(ckpt.model_config))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+        hf_config.dtype = str(dtype).removeprefix("torch.")
+    out = write_hf_dir(out_dir, hf_config, state)
+    source = _tokenizer_source(tokenizer, ckpt.source_dir)
+    if source is not None:
+        save_tokenizer(source, out, ids)
+    return out
+
+
+def olmo_core_config_from_hf(config: OlmoeSpattnConfig) -> Any:
+    """The OLMo-core ``TransformerConfig`` of a HF config (OLMoE preset, resized)."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    rope_theta = float((config.rope_parameters or {}).get("rope_theta", 500_000))
+    model_config = TransformerConfig.olmoe_1B_7B(
+        vocab_size=config.vocab_size,
+        d_model=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        rope_theta=rope_theta,
+    )
+    block = model_config.block
+    att = block.sequence_mixer
+    if config.num_key_value_heads != config.num_attention_heads:
+        att.n_kv_heads = config.num_key_value_heads
+    eps = float(config.rms_norm_eps)
+    block.layer_norm.eps = eps
+    att.qk_norm.eps = eps
+    model_config.lm_head.layer_norm.eps = eps
+    moe = block.feed_forward_moe
+    moe.num_experts = config.num_experts
+    moe.hidden_size = config.intermediate_size
+    moe.name = config.olmo_core_expert_layout
+    moe.router.top_k = config.num_experts_per_tok
+    moe.router.normalize_expert_weights = 1.0 if config.norm_topk_prob else None
+    model_config.tie_word_embeddings = bool(config.tie_word_embeddings)
+    spec = config.band_spec()
+    if spec.pattern != "dense":
+        try:
+            from ..olmo import with_attention
+        except ImportError as err:
+            raise CheckpointError(
+                "converting a band model back to OLMo-core needs olmoe_spattn.olmo (the OLMo-core integration)"
+            ) from err
+        model_config = with_attention(model_config, spec.pattern, spec.partition_len, "auto")
+    return model_config
+
+
+def convert_from_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """HF directory -> unsharded OLMo-core checkpoint (``model.safetensors`` + ``config.json``)."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    config, hf_state = read_hf_dir(model_dir)
+    state = hf_to_olmo_core(hf_state, moe_shape_of_hf(config))
+    model_config = olmo_core_config_from_hf(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "vocab_size": config.vocab_size,
+    }
+    experiment = {"model": model_config.as_config_dict(), "tokenizer": tokenizer, "spattn": _spec_dict(config.band_spec())}
+    (out / "config.json").write_text(json.dumps(experiment, indent=2, default=str))
+    if (model_dir / "tokenizer.json").is_file():
+        tok_dir = out / "tokenizer"
+        tok_dir.mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tok_dir / name)
+    return out
+
+
+def _spec_dict(spec: BandSpec) -> dict[str, object]:
+    return spec.to_dict()

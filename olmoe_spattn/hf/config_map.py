@@ -31,16 +31,15 @@ def band_spec_of_model_config(model_config: Any) -> BandSpec:
     Uses :func:`olmoe_spattn.olmo.band_spec_of` (the OLMo-core integration); a config
     whose attention it does not know is an error, never "dense".
     """
+    att = model_config.block.sequence_mixer
+    n_heads = int(att.n_heads)
     try:
         from ..olmo import band_spec_of
     except ImportError:
         band_spec_of = None
     if band_spec_of is not None:
         spec = band_spec_of(model_config)
-        if spec is not None:
-            return spec
-    att = model_config.block.sequence_mixer
-    n_heads = int(att.n_heads)
+        return BandSpec("dense", n_heads, n_heads) if spec is None else spec
     if type(att).__name__ == "AttentionConfig":
         return BandSpec("dense", n_heads, n_heads)
     raise ValueError(f"cannot tell the attention pattern of sequence mixer {type(att).__name__}")

@@ -44,12 +44,18 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-_SHIM_CONFIG = '''"""Loads an olmoe-spattn band checkpoint; needs `pip install olmoe-spattn`."""
-from olmoe_spattn.hf import OlmoeSpattnConfig  # noqa: F401
+_SHIM = '''"""Loads an olmoe-spattn band-attention checkpoint; needs `pip install olmoe-spattn`."""
+try:
+    from olmoe_spattn.hf import {names}  # noqa: F401
+except ImportError as err:
+    raise ImportError(
+        "This is an olmoe-spattn (SPAttention band attention) checkpoint: install the package "
+        "(`pip install olmoe-spattn`) and `import olmoe_spattn.hf` before loading it; "
+        "it must never run as dense OLMoE/FlexOlmo attention."
+    ) from err
 '''
-_SHIM_MODEL = '''"""Loads an olmoe-spattn band checkpoint; needs `pip install olmoe-spattn`."""
-from olmoe_spattn.hf import OlmoeSpattnForCausalLM, OlmoeSpattnModel  # noqa: F401
-'''
+_SHIM_CONFIG = _SHIM.replace("{names}", "OlmoeSpattnConfig")
+_SHIM_MODEL = _SHIM.replace("{names}", "OlmoeSpattnForCausalLM, OlmoeSpattnModel")
 AUTO_MAP = {
     "AutoConfig": "configuration_olmoe_spattn.OlmoeSpattnConfig",
     "AutoModel": "modeling_olmoe_spattn.OlmoeSpattnModel",

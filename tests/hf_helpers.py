@@ -129,3 +129,35 @@ def greedy_by_full_forward(model, prompt: torch.Tensor, new_tokens: int) -> torc
         nxt = hf_logits(model, ids)[:, -1].argmax(dim=-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
     return ids
+
+
+def hf_tiny_model(pattern: str, partition_len: int | str = PARTITION_LEN, seed: int = 0):
+    """A tiny ``OlmoeSpattnForCausalLM`` built directly (no OLMo-core), eval mode, no EOS stop."""
+    from olmoe_spattn.hf import OlmoeSpattnConfig, OlmoeSpattnForCausalLM
+
+    config = OlmoeSpattnConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=N_HEADS,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attention_pattern=pattern,
+        partition_len=partition_len,
+        eos_token_id=None,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = OlmoeSpattnForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 1
+    return model.eval()

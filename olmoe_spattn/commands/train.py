@@ -1,0 +1,59 @@
+"""Train an OLMoE model from a YAML recipe with OLMo-core's trainer.
+
+Examples:
+  olmoe-spattn train configs/tiny.yaml                      # CPU demo, synthetic data, ~1 min
+  olmoe-spattn train tiny --set attention=dense             # bundled recipe name, dense twin
+  olmoe-spattn train configs/olmoe-1b-7b.yaml --dry-run     # resolved config, params, patterns
+  torchrun --nproc-per-node 8 -m olmoe_spattn.cli train configs/olmoe-1b-7b.yaml
+
+Checkpoints go to train.save_folder; running the same command again resumes from the latest
+checkpoint there (model, optimizer, data position, step). Progress, loss, tokens/s, MFU and
+expert load balance are logged to the console (and W&B with --set train.wandb=true), and every
+step's metrics are appended to <save_folder>/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", help="recipe YAML file, or a bundled recipe name (tiny, olmoe-1b-7b, ...)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.max_steps=100 --set attention=dense (repeatable; "
+        "values are parsed as YAML)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe, parameter counts (total/active) and per-layer attention "
+        "pattern, then exit without training",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..olmo.recipe import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    from ..olmo.train import describe, train
+
+    if args.dry_run:
+        print(describe(recipe))
+        return 0
+    metrics = train(recipe)
+    if metrics:
+        loss = metrics.get("train/CE loss")
+        tps = metrics.get("throughput/device/TPS")
+        parts = [f"step {metrics.get('step')}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if tps is not None:
+            parts.append(f"{tps:,.0f} tokens/s/device")
+        print("finished: " + ", ".join(parts) + f"; checkpoints in {recipe.train.save_folder}")
+    return 0

@@ -1,0 +1,335 @@
+"""YAML training recipes: schema, validation, ``--set`` overrides, and the OLMo-core model config.
+
+A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are examples)::
+
+    name: tiny                    # free text
+    description: ...              # free text
+    attention: spattention        # dense | spattention | exclusive_bands | gapped_bands | sliding_window
+    partition_len: null           # null = train.sequence_length; an int >= n_heads; or "dynamic"
+    attention_backend: auto       # auto | triton | flex | torch
+    model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
+              lb_loss_weight, z_loss_weight}
+    data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,
+              eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, work_dir}
+    train:   see :class:`TrainSection`
+
+Relative paths are resolved against the current directory. Every key is checked: an unknown key,
+a wrong type or a bad value raises ``ValueError`` naming it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..api import BACKENDS
+from ..bands import DYNAMIC, PATTERNS
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class ModelSection:
+    """OLMoE architecture (OLMo-core ``olmoe_1B_7B`` blocks at any size)."""
+
+    vocab_size: int = 50304
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    num_experts: int = 64
+    top_k: int = 8
+    expert_hidden_size: int = 1024
+    lb_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+
+@dataclass
+class TokenizerSection:
+    """Token-ID facts OLMo-core's numpy datasets need (defaults: gpt-neox-olmo-dolma-v1_5)."""
+
+    vocab_size: int = 50280
+    eos_token_id: int = 50279
+    pad_token_id: int = 1
+    bos_token_id: Union[int, None] = None
+    identifier: Union[str, None] = "allenai/gpt-neox-olmo-dolma-v1_5"
+
+
+@dataclass
+class DataSection:
+    """OLMo-core numpy token files (raw ``np.memmap`` arrays of token IDs)."""
+
+    paths: list[str] = field(default_factory=list)
+    synthetic: bool = False
+    synthetic_tokens: int = 500_000
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    dtype: Union[str, None] = None  # token dtype of the files; null = inferred from vocab_size
+    work_dir: Union[str, None] = None
+
+
+@dataclass
+class TrainSection:
+    """Optimisation, schedule, parallelism, checkpointing and logging."""
+
+    sequence_length: int = 4096
+    global_batch_size: int = 1024  # sequences per optimizer step, all ranks together
+    rank_microbatch_size: int = 4  # sequences per forward/backward on one rank
+    max_steps: int = 1000
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 2000
+    decay_fraction: float = 0.1  # wsd only
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_folder: str = "runs/olmoe"
+    save_interval: int = 1000
+    ephemeral_save_interval: Union[int, None] = None
+    log_interval: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    autocast: Union[str, None] = None  # null | bfloat16
+    param_dtype: Union[str, None] = None  # null | bfloat16 (FSDP/HSDP mixed precision)
+    compile: bool = False
+    activation_checkpointing: Union[str, None] = None  # null | full | selected_blocks ...
+    data_parallel: str = "ddp"  # ddp | fsdp | hsdp
+    expert_parallel_degree: int = 1
+    tensor_parallel_degree: int = 1
+    context_parallel_degree: int = 1
+    num_workers: int = 0
+    wandb: bool = False
+    wandb_project: str = "olmoe-spattn"
+    wandb_entity: Union[str, None] = None
+
+
+SCHEDULERS = ("cosine", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
+AUTOCAST = (None, "bfloat16")
+TOKEN_DTYPES = (None, "uint8", "uint16", "uint32", "uint64")
+AC_MODES = (None, "full", "selected_blocks", "selected_modules", "selected_ops", "budget")
+
+
+@dataclass
+class Recipe:
+    """A validated training recipe."""
+
+    name: str = "olmoe"
+    description: str = ""
+    attention: str = "spattention"
+    partition_len: Union[int, str, None] = None
+    attention_backend: str = "auto"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: Union[str, None] = None  # the file it came from (not a YAML key)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_partition_len(self) -> Union[int, str]:
+        """``partition_len``, defaulting to the training sequence length."""
+        return self.train.sequence_length if self.partition_len is None else self.partition_len
+
+    def model_config(self):
+        """The OLMo-core ``TransformerConfig`` this recipe trains."""
+        from .model import olmoe_config
+
+        m = self.model
+        return olmoe_config(
+            vocab_size=m.vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            expert_hidden_size=m.expert_hidden_size,
+            attention=self.attention,
+            partition_len=None if self.attention == "dense" else self.resolved_partition_len,
+            backend=self.attention_backend,
+            lb_loss_weight=m.lb_loss_weight,
+            z_loss_weight=m.z_loss_weight,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what ``--dry-run`` prints and checkpoints record)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ``ValueError`` with the offending key and allowed values."""
+        _choice("attention", self.attention, PATTERNS)
+        _choice("attention_backend", self.attention_backend, BACKENDS)
+        if self.partition_len is not None and self.partition_len != DYNAMIC:
+            if isinstance(self.partition_len, str) or self.partition_len < self.model.n_heads:
+                raise ValueError(
+                    f"partition_len={self.partition_len!r} must be null, {DYNAMIC!r} or an int >= "
+                    f"model.n_heads={self.model.n_heads}"
+                )
+        m, t, d = self.model, self.train, self.data
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.d_model % m.n_heads:
+            raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+        if m.top_k > m.num_experts:
+            raise ValueError(f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}")
+        if d.tokenizer.vocab_size > m.vocab_size:
+            raise ValueError(
+                f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}"
+            )
+        for key in ("eos_token_id", "pad_token_id"):
+            value = getattr(d.tokenizer, key)
+            if not 0 <= value < d.tokenizer.vocab_size:
+                raise ValueError(f"data.tokenizer.{key}={value} is outside [0, {d.tokenizer.vocab_size})")
+        _choice("data.dtype", d.dtype, TOKEN_DTYPES)
+        if not d.paths:
+            raise ValueError("data.paths is empty: list the numpy token files to train on")
+        for key in ("sequence_length", "global_batch_size", "rank_microbatch_size", "max_steps",
+                    "save_interval", "log_interval", "expert_parallel_degree",
+                    "tensor_parallel_degree", "context_parallel_degree"):
+            _positive(f"train.{key}", getattr(t, key))
+        if t.global_batch_size % t.rank_microbatch_size:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                f"train.rank_microbatch_size={t.rank_microbatch_size}"
+            )
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise ValueError(f"train.lr must be a positive number, got {t.lr}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+        if t.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        _choice("train.scheduler", t.scheduler, SCHEDULERS)
+        _choice("train.device", t.device, DEVICES)
+        _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
+        _choice("train.autocast", t.autocast, AUTOCAST)
+        _choice("train.param_dtype", t.param_dtype, AUTOCAST)
+        _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+        if t.context_parallel_degree > 1 and self.attention != "dense":
+            raise ValueError(
+                f"train.context_parallel_degree={t.context_parallel_degree}: context parallelism is "
+                f"not supported with band attention ({self.attention!r}); use 1 or attention: dense"
+            )
+
+
+def _choice(key: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        names = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of: {names}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value}")
+
+
+# ---------------------------------------------------------------------- dict -> dataclasses
+def _type_ok(value: object, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Union:
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Union:
+        return " or ".join(_describe(h) for h in get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, data: object, prefix: str) -> Any:
+    where = prefix or "the recipe"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+            continue
+        if hint is float and isinstance(value, str):  # YAML reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, hint):
+            raise ValueError(f"{key}={value!r} has the wrong type; expected {_describe(hint)}")
+        kwargs[name] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def _set_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} must look like key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), source: str | None = None) -> Recipe:
+    """Validates ``data`` (after applying ``key.path=value`` overrides) into a :class:`Recipe`."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy, plain types only
+    for assignment in overrides:
+        _set_override(data, assignment)
+    recipe = _build(Recipe, data, "")
+    recipe.source = source
+    recipe.validate()
+    return recipe
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """``path`` as given, or a bundled recipe name such as ``tiny`` (``configs/tiny.yaml``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    bundled = RECIPES_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if bundled.exists():
+        return bundled
+    available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise ValueError(f"recipe {str(path)!r} not found; bundled recipes: {', '.join(available) or 'none'}")
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Reads a YAML recipe (``yaml.safe_load``), applies ``key.path=value`` overrides, validates."""
+    p = resolve_recipe_path(path)
+    with open(p, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{p}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    return recipe_from_dict(data, overrides, source=str(p))

@@ -1,0 +1,363 @@
+"""Training with OLMo-core's own trainer, train module, checkpointer, callbacks and numpy data.
+
+:func:`train` turns a :class:`~olmoe_spattn.olmo.recipe.Recipe` into OLMo-core objects
+(``TransformerTrainModuleConfig``, ``NumpyFSLDatasetConfig``, ``NumpyDataLoaderConfig``,
+``TrainerConfig`` with checkpointer / speed-monitor / console / W&B callbacks) and runs
+``Trainer.fit()``. Checkpoints go to ``train.save_folder``; running the same command again
+resumes from the latest checkpoint there (model, optimizer, data-loader position, step).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+#: Testing aid: SIGKILL the process right after this step (simulates a crash for resume tests).
+CRASH_ENV = "OLMOE_SPATTN_CRASH_AT_STEP"
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    """``train.device`` with ``auto`` mapped to CUDA when available, else CPU."""
+    name = recipe.train.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA GPU is available; use auto or cpu")
+    return torch.device(name)
+
+
+def world_size() -> int:
+    """Number of processes (``WORLD_SIZE`` set by torchrun; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parameter_counts(recipe: Recipe) -> dict[str, int]:
+    """Total / active parameter counts, with and without the embedding and LM-head matrices."""
+    config = recipe.model_config()
+    vocab_params = config.d_model * config.vocab_size  # one of embedding / LM head
+    return {
+        "total": config.num_params,
+        "active": config.num_active_params,
+        "total_non_embedding": config.num_params - 2 * vocab_params,
+        "active_non_embedding": config.num_active_params - 2 * vocab_params,
+    }
+
+
+def layer_patterns(recipe: Recipe) -> list[str]:
+    """One line per layer: its attention pattern and band widths/starts."""
+    from .model import band_specs_by_layer
+
+    lines = []
+    seq = recipe.train.sequence_length
+    for i, spec in enumerate(band_specs_by_layer(recipe.model_config())):
+        if spec is None:
+            lines.append(f"layer {i:2d}: dense causal")
+            continue
+        widths, starts = spec.widths(seq), spec.starts(seq)
+        cov = sum(spec.covered_pairs(seq)) / (spec.n_heads * seq * (seq + 1) / 2)
+        lines.append(
+            f"layer {i:2d}: {spec.pattern} N={spec.partition_len} widths={_short(widths)} "
+            f"starts={_short(starts)} pairs={cov:.1%} of dense"
+        )
+    return lines
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:4]))}, ..., {values[-1]}]"
+
+
+def _count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.3f}B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f}M)"
+
+
+def describe(recipe: Recipe) -> str:
+    """The ``--dry-run`` report: resolved recipe, parameter counts and per-layer patterns."""
+    import yaml
+
+    counts = parameter_counts(recipe)
+    t = recipe.train
+    tokens_per_step = t.global_batch_size * t.sequence_length
+    lines = [
+        f"# recipe: {recipe.source or recipe.name}",
+        yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+        "",
+        "# parameters",
+        f"total:  {_count(counts['total'])}; without embedding/LM head {_count(counts['total_non_embedding'])}",
+        f"active: {_count(counts['active'])}; without embedding/LM head {_count(counts['active_non_embedding'])}",
+        f"attention: {recipe.attention}, partition_len: {recipe.resolved_partition_len}, "
+        f"backend: {recipe.attention_backend}",
+        f"tokens per step: {tokens_per_step:,}; total tokens: {tokens_per_step * t.max_steps:,}",
+        "",
+        "# attention pattern per layer",
+        *layer_patterns(recipe),
+    ]
+    return "\n".join(lines)
+
+
+def ensure_data(recipe: Recipe) -> list[str]:
+    """Checks the token files exist; writes synthetic ones first when ``data.synthetic`` is set."""
+    from ..data.synthetic import write_synthetic_tokens
+
+    paths: list[str] = []
+    for p in recipe.data.paths:
+        if any(c in p for c in "*?["):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise ValueError(f"data.paths: no files match {p!r}")
+            paths.extend(matches)
+        else:
+            paths.append(str(Path(p)))
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing and recipe.data.synthetic:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            tok = recipe.data.tokenizer
+            for i, p in enumerate(missing):
+                log.info("writing %s synthetic tokens to %s", f"{recipe.data.synthetic_tokens:,}", p)
+                write_synthetic_tokens(
+                    p, recipe.data.synthetic_tokens, tok.vocab_size, eos_token_id=tok.eos_token_id, seed=i
+                )
+        _barrier()
+        missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(
+            f"data file(s) not found: {', '.join(missing)}; create them with `olmoe-spattn "
+            "prepare-data`, or set data.synthetic: true for a synthetic demo"
+        )
+    return paths
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
+    from olmo_core.distributed.utils import get_rank
+    from olmo_core.train.callbacks import (
+        Callback,
+        CheckpointerCallback,
+        ConfigSaverCallback,
+        ConsoleLoggerCallback,
+        SpeedMonitorCallback,
+        WandBCallback,
+    )
+
+    @dataclass
+    class MetricsFileCallback(Callback):
+        """Appends each step's metrics (loss, tokens/s, MFU, expert load) to ``metrics.jsonl``."""
+
+        path: str = ""
+
+        def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+            if get_rank() != 0:
+                return
+            record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @dataclass
+    class CrashCallback(Callback):
+        """SIGKILLs the process after step ``at`` (tests resuming after a hard crash)."""
+
+        at: int = 0
+
+        def post_step(self) -> None:
+            if self.step >= self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    t = recipe.train
+    callbacks: dict[str, Any] = {
+        "checkpointer": CheckpointerCallback(
+            save_interval=t.save_interval,
+            ephemeral_save_interval=t.ephemeral_save_interval,
+            save_async=False,
+        ),
+        "speed_monitor": SpeedMonitorCallback(),
+        "console_logger": ConsoleLoggerCallback(log_interval=t.log_interval),
+        "config_saver": ConfigSaverCallback(),
+        "metrics_file": MetricsFileCallback(path=str(Path(save_folder) / METRICS_FILE)),
+    }
+    if t.wandb:
+        callbacks["wandb"] = WandBCallback(
+            name=recipe.name, project=t.wandb_project, entity=t.wandb_entity, enabled=True
+        )
+    crash_at = os.environ.get(CRASH_ENV)
+    if crash_at:
+        callbacks["crash"] = CrashCallback(at=int(crash_at))
+    return callbacks
+
+
+def _train_module_config(recipe: Recipe, device: torch.device):
+    from olmo_core.config import DType
+    from olmo_core.optim import WSD, AdamWConfig, ConstantWithWarmup, CosWithWarmup, OptimGroupOverride
+    from olmo_core.train.train_module import (
+        TransformerActivationCheckpointingConfig,
+        TransformerDataParallelConfig,
+        TransformerExpertParallelConfig,
+        TransformerTensorParallelConfig,
+        TransformerTrainModuleConfig,
+    )
+
+    t = recipe.train
+    seq = t.sequence_length
+    if t.scheduler == "cosine":
+        scheduler = CosWithWarmup(warmup=t.warmup_steps, alpha_f=t.min_lr_ratio)
+    elif t.scheduler == "wsd":
+        scheduler = WSD(
+            warmup=t.warmup_steps, decay_fraction=t.decay_fraction, decay_min_lr=t.lr * t.min_lr_ratio
+        )
+    else:
+        scheduler = ConstantWithWarmup(warmup=t.warmup_steps)
+    dp = None
+    if world_size() > 1:
+        dp = TransformerDataParallelConfig(
+            name=t.data_parallel,
+            param_dtype=DType(t.param_dtype) if t.param_dtype else None,
+            reduce_dtype=DType.float32,
+        )
+    return TransformerTrainModuleConfig(
+        rank_microbatch_size=t.rank_microbatch_size * seq,  # tokens
+        max_sequence_length=seq,
+        optim=AdamWConfig(
+            lr=t.lr,
+            betas=(t.betas[0], t.betas[1]),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            group_overrides=[OptimGroupOverride(params=["embeddings.weight"], opts=dict(weight_decay=0.0))],
+            fused=device.type == "cuda" or None,
+        ),
+        max_grad_norm=t.max_grad_norm,
+        scheduler=scheduler,
+        compile_model=t.compile,
+        dp_config=dp,
+        tp_config=TransformerTensorParallelConfig(degree=t.tensor_parallel_degree)
+        if t.tensor_parallel_degree > 1
+        else None,
+        ep_config=TransformerExpertParallelConfig(degree=t.expert_parallel_degree)
+        if t.expert_parallel_degree > 1
+        else None,
+        ac_config=TransformerActivationCheckpointingConfig(mode=t.activation_checkpointing)
+        if t.activation_checkpointing
+        else None,
+        autocast_precision=DType(t.autocast) if t.autocast else None,
+    )
+
+
+def _check_parallelism(recipe: Recipe, device: torch.device) -> None:
+    t = recipe.train
+    if device.type != "cuda" and (t.expert_parallel_degree > 1 or t.tensor_parallel_degree > 1):
+        raise ValueError(
+            "expert/tensor parallelism needs GPUs (OLMo-core's MoE kernels); on a CPU use "
+            "train.expert_parallel_degree=1 and train.tensor_parallel_degree=1"
+        )
+    if device.type != "cuda" and t.data_parallel != "ddp" and world_size() > 1:
+        raise ValueError(f"train.data_parallel={t.data_parallel!r} needs GPUs; use ddp on a CPU")
+    per_step = t.global_batch_size
+    dp_world = world_size() // (t.tensor_parallel_degree * t.context_parallel_degree)
+    if per_step % (t.rank_microbatch_size * max(dp_world, 1)):
+        raise ValueError(
+            f"train.global_batch_size={per_step} must be a multiple of rank_microbatch_size "
+            f"({t.rank_microbatch_size}) x data-parallel ranks ({dp_world})"
+        )
+
+
+def train(recipe: Recipe) -> dict[str, float]:
+    """Trains ``recipe`` (resuming from ``train.save_folder`` if it holds a checkpoint).
+
+    Returns the last logged metrics (rank 0; empty elsewhere).
+    """
+    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+    from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
+    from olmo_core.train import teardown_training_environment as teardown
+
+    from .model import needs_torch_moe
+
+    device = resolve_device(recipe)
+    _check_parallelism(recipe, device)
+    t = recipe.train
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    prepare_training_environment(seed=t.seed, backend=backend, shared_filesystem=True)
+    try:
+        paths = ensure_data(recipe)
+        save_folder = str(Path(t.save_folder).resolve())
+        model_config = recipe.model_config()
+        model = model_config.build(init_device="meta")
+        if needs_torch_moe(device):
+            from .moe_cpu import use_torch_moe
+
+            use_torch_moe(model)
+        train_module = _train_module_config(recipe, device).build(model, device=device)
+
+        tok = recipe.data.tokenizer
+        dataset = NumpyFSLDatasetConfig(
+            tokenizer=TokenizerConfig(
+                vocab_size=tok.vocab_size,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+                identifier=tok.identifier,
+            ),
+            paths=paths,
+            sequence_length=t.sequence_length,
+            dtype=recipe.data.dtype,
+            work_dir=recipe.data.work_dir or str(Path(save_folder) / "dataset-cache"),
+        ).build()
+        data_loader = NumpyDataLoaderConfig(
+            global_batch_size=t.global_batch_size * t.sequence_length,  # tokens
+            seed=t.seed,
+            num_workers=t.num_workers,
+        ).build(dataset, dp_process_group=train_module.dp_process_group)
+
+        trainer_config = TrainerConfig(
+            save_folder=save_folder,
+            save_overwrite=True,
+            max_duration=Duration.steps(t.max_steps),
+            metrics_collect_interval=t.log_interval,
+            cancel_check_interval=max(1, min(25, t.max_steps)),
+            device=str(device),
+        ).with_callbacks(_callbacks(recipe, save_folder))
+        trainer = trainer_config.build(train_module, data_loader)
+        record = {
+            "recipe": recipe.to_dict(),
+            "model": model_config.as_config_dict(),
+            "trainer": trainer_config.as_config_dict(),
+        }
+        trainer.callbacks["config_saver"].config = record
+        trainer.fit()
+        return _last_metrics(Path(save_folder) / METRICS_FILE)
+    finally:
+        teardown()
+
+
+def _last_metrics(path: Path) -> dict[str, float]:
+    steps = read_metrics(path.parent)
+    return steps[max(steps)] if steps else {}
+
+
+def read_metrics(save_folder: str | Path) -> dict[int, dict[str, float]]:
+    """Per-step metrics from ``metrics.jsonl`` (records of one step are merged; a step run again
+    after a resume overwrites the earlier values)."""
+    path = Path(save_folder) / METRICS_FILE
+    out: dict[int, dict[str, float]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out.setdefault(int(rec["step"]), {}).update(rec)
+    return out

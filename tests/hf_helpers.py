@@ -82,7 +82,10 @@ def build_olmo_model(config, seed: int = 0) -> torch.nn.Module:
 
 def experiment_dict(config) -> dict:
     """The parts of an OLMo-core experiment config that conversion reads."""
-    return {"model": config.as_config_dict(), "dataset": {"tokenizer": dict(TOKENIZER_INFO)}}
+    return {
+        "model": config.as_config_dict(),
+        "dataset": {"tokenizer": dict(TOKENIZER_INFO), "sequence_length": 4 * PARTITION_LEN},
+    }
 
 
 def save_unsharded(model, config, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:

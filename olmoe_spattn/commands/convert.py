@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokenizer.json or a HF tokenizer folder to copy (default: tokenizer files found in the checkpoint)",
     )
     to_hf.add_argument("--config", default=None, help="experiment config.json (default: the checkpoint's)")
+    to_hf.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="context length recorded as max_position_embeddings (default: the experiment's "
+        "dataset.sequence_length, else the partition length, else 4096)",
+    )
     to_hf.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast the weights (default: keep)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face directory -> unsharded OLMo-core checkpoint")
     from_hf.add_argument("hf_dir", help="directory written by `convert to-hf`")
@@ -47,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.direction == "to-hf":
         dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-        out = convert_to_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, config_path=args.config, dtype=dtype)
+        out = convert_to_hf(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, config_path=args.config, dtype=dtype,
+                           max_seq_len=args.max_seq_len)
     else:
         out = convert_from_hf(args.hf_dir, args.out_dir)
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s")

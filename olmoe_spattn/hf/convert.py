@@ -234,14 +234,23 @@ def convert_to_hf(
     tokenizer: str | Path | None = None,
     config_path: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    max_seq_len: int | None = None,
 ) -> Path:
-    """OLMo-core checkpoint -> HF directory; returns ``out_dir``."""
+    """OLMo-core checkpoint -> HF directory; returns ``out_dir``.
+
+    ``max_seq_len`` becomes ``max_position_embeddings`` (the context lm-eval and
+    ``generate`` assume); default: the experiment's ``dataset.sequence_length``, else the
+    partition length, else 4096.
+    """
     ckpt = load_olmo_core_checkpoint(checkpoint, config_path=config_path)
     tok_cfg = ckpt.experiment.get("dataset", {}).get("tokenizer") if isinstance(ckpt.experiment.get("dataset"), dict) else None
     tok_cfg = tok_cfg or ckpt.experiment.get("tokenizer") or {}
     ids = {f"{r}_token_id": tok_cfg.get(f"{r}_token_id") for r in ("bos", "eos", "pad")}
     spec = band_spec_of_model_config(ckpt.model_config)
-    hf_config = hf_config_from_olmo_core(ckpt.model_config, spec=spec, **ids)
+    if max_seq_len is None:
+        dataset = ckpt.experiment.get("dataset")
+        max_seq_len = dataset.get("sequence_length") if isinstance(dataset, dict) else None
+    hf_config = hf_config_from_olmo_core(ckpt.model_config, spec=spec, max_position_embeddings=max_seq_len, **ids)
     state = olmo_core_to_hf(ckpt.state, moe_shape_of(ckpt.model_config))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

@@ -1,0 +1,159 @@
+"""lm-eval integration on local task files: documented commands, result JSON, comparison table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hf_helpers as H
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")
+pytest.importorskip("olmoe_spattn.olmo")
+
+from olmoe_spattn.evaluation.report import compare_markdown, load_run, scores_from_lm_eval  # noqa: E402
+from olmoe_spattn.evaluation.suite import PAPER_PASSES, expand_tasks  # noqa: E402
+from olmoe_spattn.hf.convert import convert_to_hf  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "eval" / "tasks"
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Converted tiny dense and band models with a local tokenizer."""
+    root = tmp_path_factory.mktemp("eval_models")
+    tok = H.build_tokenizer(root / "tok")
+    out = {}
+    for pattern in ("dense", "spattention"):
+        config = H.model_config(pattern)
+        model = H.build_olmo_model(config)
+        ckpt = H.save_unsharded(model, config, root / f"olmo_{pattern}", tok)
+        out[pattern] = convert_to_hf(ckpt, root / f"hf_{pattern}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def our_runs(models, tmp_path_factory) -> dict[str, Path]:
+    """``olmoe-spattn eval`` on the offline group for both models: run JSON per pattern."""
+    from olmoe_spattn.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for pattern, path in models.items():
+        out = root / f"{pattern}.json"
+        rc = main(["eval", str(path), "--tasks", "spattn_offline", "--limit", "4", "--device", "cpu",
+                   "--batch-size", "2", "--include-path", str(TASKS), "--out", str(out), "--name", pattern])  # fmt: skip
+        assert rc == 0
+        runs[pattern] = out
+    return runs
+
+
+def _results_file(out_dir: Path) -> dict:
+    files = sorted(out_dir.rglob("results*.json"))
+    assert files, f"lm_eval wrote no results under {out_dir}"
+    return json.loads(files[-1].read_text())
+
+
+def test_paper_groups_are_defined():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS))
+    groups = set(manager.all_groups)
+    assert {"paper", "paper_mmlu", "spattn_offline"} <= groups
+    assert {"spattn_tiny_mc", "spattn_tiny_cloze"} <= set(manager.all_tasks)
+    import yaml
+
+    paper = yaml.safe_load((TASKS / "paper" / "paper.yaml").read_text())
+    assert paper["task"] == ["winogrande", "copa", "hellaswag", "mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"]
+    mmlu = yaml.safe_load((TASKS / "paper" / "paper_mmlu.yaml").read_text())
+    assert mmlu["task"] == ["mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"]
+    for name in paper["task"]:  # every member is a task or group lm-eval knows
+        assert name in manager.all_tasks or name in groups, name
+
+
+def test_plain_lm_eval_command_runs_band_model(models, our_runs, tmp_path):
+    """The README's plain lm_eval line, on the offline group: same scores as our command."""
+    cmd = [
+        "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained={models['spattention']},trust_remote_code=True",
+        "--include_path", str(TASKS), "--tasks", "spattn_offline",
+        "--limit", "4", "--device", "cpu", "--batch_size", "2",
+        "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**OFFLINE_ENV, "HF_MODULES_CACHE": str(tmp_path / "mods")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results_file(tmp_path / "out")
+    scores = scores_from_lm_eval(results)
+    assert 0.0 <= scores["spattn_tiny_mc"]["acc"] <= 1.0
+    assert "spattn_tiny_cloze" in scores and "spattn_offline" in scores
+    ours = load_run(our_runs["spattention"])["scores"]
+    for task in ("spattn_tiny_mc", "spattn_tiny_cloze", "spattn_offline"):
+        assert ours[task] == pytest.approx(scores[task]), task
+
+
+def test_python_m_evaluation_uses_registered_model(models, tmp_path):
+    cmd = [
+        sys.executable, "-m", "olmoe_spattn.evaluation", "--model", "olmoe-spattn",
+        "--model_args", f"pretrained={models['spattention']}",
+        "--include_path", str(TASKS), "--tasks", "spattn_tiny_mc",
+        "--limit", "4", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=OFFLINE_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "spattn_tiny_mc" in scores_from_lm_eval(_results_file(tmp_path / "out"))
+
+
+def test_eval_command_and_compare(our_runs, tmp_path, capsys):
+    from olmoe_spattn.cli import main
+
+    runs = []
+    for pattern, out in our_runs.items():
+        run = load_run(out)
+        assert run["attention_pattern"] == pattern
+        assert set(run["scores"]) >= {"spattn_tiny_mc", "spattn_tiny_cloze", "spattn_offline"}
+        runs.append(out)
+    capsys.readouterr()
+    md = tmp_path / "table.md"
+    assert main(["eval", "--compare", *map(str, runs), "--markdown", str(md)]) == 0
+    table = md.read_text()
+    assert table == capsys.readouterr().out
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| Method |") and "Average" in lines[0]
+    assert lines[2].startswith("| dense |") and lines[3].startswith("| spattention |")
+    dense_mc = load_run(runs[0])["scores"]["spattn_tiny_mc"]["acc"]
+    assert f"{dense_mc:.4f}" in lines[2]
+
+
+def test_expand_tasks():
+    assert expand_tasks("paper", None) == list(PAPER_PASSES)
+    passes = expand_tasks("paper,arc_easy", None)
+    assert passes[-1].tasks == ("arc_easy",) and passes[-1].num_fewshot is None
+    assert expand_tasks("arc_easy,piqa", 3)[0].suffix == "@3shot"
+    with pytest.raises(ValueError, match="num-fewshot"):
+        expand_tasks("paper", 5)
+    with pytest.raises(ValueError, match="empty"):
+        expand_tasks(" , ", None)
+
+
+def test_compare_markdown_paper_order_bold_and_average():
+    a = {"name": "dense", "scores": {"copa": {"acc": 0.6}, "winogrande": {"acc": 0.5},
+                                     "mmlu_stem@5shot": {"acc": 0.3}, "hellaswag": {"acc": 0.1, "acc_norm": 0.4}}}
+    b = {"name": "band", "scores": {"copa": {"acc": 0.7}, "winogrande": {"acc": 0.4},
+                                    "mmlu_stem@5shot": {"acc": 0.3}, "hellaswag": {"acc_norm": 0.5}}}
+    lines = compare_markdown([a, b]).strip().splitlines()
+    assert lines[0] == "| Method | Winogrande | COPA | HellaSwag | STEM (5-shot) | Average |"
+    assert lines[2] == "| dense | **0.5000** | 0.6000 | 0.4000 | **0.3000** | 0.4500 |"
+    assert lines[3] == "| band | 0.4000 | **0.7000** | **0.5000** | **0.3000** | **0.4750** |"
+
+
+def test_load_run_rejects_other_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"results": {}}))
+    with pytest.raises(ValueError, match="scores"):
+        load_run(bad)

@@ -32,11 +32,11 @@ def _set_top_level(text: str, key: str, value: str) -> str:
     if match is None:
         sep = "" if text.endswith("\n") or not text else "\n"
         return f"{text}{sep}{key}: {value}\n"
-    comment = match.group(2) or ""
-    old_width = len(match.group(0)) - len(comment)
+    comment = (match.group(2) or "").strip()
     line = f"{key}: {value}"
     if comment:
-        line = line.ljust(old_width) + comment if len(line) < old_width else f"{line} {comment.strip()}"
+        column = match.group(0).index("#")  # keep the comment where it was when there is room
+        line = line.ljust(column) + comment if len(line) < column else f"{line} {comment}"
     return text[: match.start()] + line + text[match.end() :]
 
 

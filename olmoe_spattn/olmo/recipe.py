@@ -315,7 +315,7 @@ def resolve_recipe_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    bundled = RECIPES_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    bundled = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
     if bundled.exists():
         return bundled
     available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []

@@ -340,6 +340,8 @@ def train(recipe: Recipe) -> dict[str, float]:
         }
         trainer.callbacks["config_saver"].config = record
         trainer.fit()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return {}
         return _last_metrics(Path(save_folder) / METRICS_FILE)
     finally:
         teardown()

@@ -1,0 +1,75 @@
+"""End-to-end CPU training of the tiny recipe through ``olmoe-spattn train`` (OLMo-core's trainer):
+loss goes down, and a run killed with SIGKILL resumes to exactly the uninterrupted losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("olmo_core")
+
+from olmoe_spattn.olmo.train import CRASH_ENV, read_metrics  # noqa: E402
+
+STEPS = 12
+LOSS = "train/CE loss"
+
+
+def _train(tmp: Path, run: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "olmoe_spattn.cli", "train", "tiny",
+        "--set", f"train.save_folder={tmp / run}",
+        "--set", f"data.paths=[{tmp / 'tokens.npy'}]",
+        "--set", "data.synthetic_tokens=60000",
+        "--set", f"train.max_steps={STEPS}",
+        "--set", "train.save_interval=4",
+        "--set", "train.log_interval=1",
+        *extra,
+    ]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=full_env)
+
+
+def _loss_steps(metrics: dict[int, dict[str, float]]) -> list[int]:
+    return sorted(step for step, values in metrics.items() if LOSS in values)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, dict[str, float]]]:
+    tmp = tmp_path_factory.mktemp("train")
+    out = _train(tmp, "full")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "finished: step 12, loss" in out.stdout
+    return tmp, read_metrics(tmp / "full")
+
+
+def test_tiny_trains_and_loss_goes_down(uninterrupted):
+    tmp, metrics = uninterrupted
+    assert _loss_steps(metrics) == list(range(1, STEPS + 1))
+    losses = [metrics[s][LOSS] for s in range(1, STEPS + 1)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert all(metrics[s]["throughput/device/TPS"] > 0 for s in range(2, STEPS + 1))
+    assert "train/block 00/load imbalance" in metrics[STEPS]  # expert load balance is logged
+    assert (tmp / "tokens.npy").stat().st_size == 60000 * 2  # synthetic uint16 tokens made on the fly
+    assert (tmp / "full" / f"step{STEPS}" / "config.json").exists()
+
+
+def test_resume_after_kill_reproduces_losses(uninterrupted):
+    tmp, full = uninterrupted
+    killed = _train(tmp, "resumed", env={CRASH_ENV: "6"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    partial = read_metrics(tmp / "resumed")
+    assert max(_loss_steps(partial)) <= 6 and not (tmp / "resumed" / "step8").exists()
+    assert (tmp / "resumed" / "step4").exists()
+
+    resumed = _train(tmp, "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step4" in resumed.stderr + resumed.stdout  # it loaded the latest checkpoint
+    metrics = read_metrics(tmp / "resumed")
+    assert _loss_steps(metrics) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-6, abs=1e-6), step

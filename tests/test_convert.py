@@ -52,6 +52,7 @@ def test_hf_config_carries_band_fields(converted):
         assert cfg["partition_len"] == n
     assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "model.safetensors").is_file()
     assert cfg["eos_token_id"] == 0 and cfg["pad_token_id"] == 1
+    assert cfg["max_position_embeddings"] == 4 * H.PARTITION_LEN  # the experiment's sequence_length
 
 
 def test_round_trip_weights_identical(converted, tmp_path):
@@ -263,3 +264,18 @@ def test_auto_classes_load_band_model(small_ckpt, tmp_path, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert len(tok("the quick brown fox")["input_ids"]) > 0
     assert tok.eos_token_id == 0 and tok.pad_token_id == 1
+
+
+def test_hf_config_agrees_with_olmo_core_get_hf_config(converted):
+    """OLMo-core's own HF exporter (FlexOlmo) as an oracle for the architecture fields."""
+    from olmo_core.nn.hf import get_hf_config
+
+    _, _, _, model, _, hf_dir = converted
+    theirs = get_hf_config(model)
+    ours = json.loads((hf_dir / "config.json").read_text())
+    assert type(theirs).__name__ == "FlexOlmoConfig"
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps", "num_experts_per_tok", "num_experts",
+                  "tie_word_embeddings", "norm_topk_prob"):  # fmt: skip
+        assert ours[field] == getattr(theirs, field), field
+    assert ours["rope_parameters"]["rope_theta"] == theirs.rope_parameters["rope_theta"]

@@ -130,6 +130,40 @@ def test_eval_command_and_compare(our_runs, tmp_path, capsys):
     assert f"{dense_mc:.4f}" in lines[2]
 
 
+def test_paper_suite_runs_two_passes_and_tags_five_shot(models, tmp_path, monkeypatch):
+    """`--tasks paper`: zero-shot group then MMLU five-shot, merged into one run (lm-eval stubbed:
+    the real paper tasks download their datasets)."""
+    import lm_eval
+
+    from olmoe_spattn.cli import main
+
+    calls = []
+
+    def fake_simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        shots = kwargs["num_fewshot"]
+        names = ["winogrande", "copa", "hellaswag", "mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"]
+        if kwargs["tasks"] == ["paper_mmlu"]:
+            names = names[3:]
+        results = {n: {"alias": n, "acc,none": 0.25 + 0.01 * i + 0.1 * (shots == 5)} for i, n in enumerate(names)}
+        results[kwargs["tasks"][0]] = {"acc,none": 0.5}
+        return {"results": results, "groups": {kwargs["tasks"][0]: {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    out = tmp_path / "paper.json"
+    assert main(["eval", str(models["spattention"]), "--tasks", "paper", "--device", "cpu",
+                 "--include-path", str(TASKS), "--out", str(out)]) == 0  # fmt: skip
+    assert [(c["tasks"], c["num_fewshot"]) for c in calls] == [(["paper"], 0), (["paper_mmlu"], 5)]
+    assert all(c["model"] == "olmoe-spattn" for c in calls)
+    scores = load_run(out)["scores"]
+    assert "paper" not in scores and "paper_mmlu@5shot" not in scores
+    assert scores["mmlu_stem"]["acc"] == pytest.approx(0.28)
+    assert scores["mmlu_stem@5shot"]["acc"] == pytest.approx(0.35)
+    header = compare_markdown([load_run(out)]).splitlines()[0]
+    assert header == ("| Method | Winogrande | COPA | HellaSwag | STEM | SocSci | Humanities | STEM (5-shot) "
+                      "| SocSci (5-shot) | Humanities (5-shot) | Average |")
+
+
 def test_expand_tasks():
     assert expand_tasks("paper", None) == list(PAPER_PASSES)
     passes = expand_tasks("paper,arc_easy", None)

@@ -39,14 +39,17 @@ class CheckpointError(ValueError):
 
 
 class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only torch dtypes, a few plain helpers, and the *classes* (dataclasses,
+    enums) of the checkpoint-metadata modules; anything else raises."""
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module, name) in SAFE_DCP_GLOBALS or module.startswith(SAFE_DCP_MODULE_PREFIXES):
-            if module.startswith(SAFE_DCP_MODULE_PREFIXES) and name.startswith("__"):
-                raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        if (module, name) in SAFE_DCP_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(SAFE_DCP_MODULE_PREFIXES) and not name.startswith("__"):
             obj = super().find_class(module, name)
-            if isinstance(obj, type) or (module, name) in SAFE_DCP_GLOBALS:
+            if isinstance(obj, type):
                 return obj
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from checkpoint metadata")
 

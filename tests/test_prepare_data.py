@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,7 @@ def test_jsonl_tokens_match_tokenizer_and_olmo_core_reads_them(tmp_path: Path, t
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "tokens/s" in printed and "dtype=uint16" in printed
+    assert "tokens/s" in printed and "  dtype: uint16" in printed and "data.dtype=uint16" in printed
 
     expected = _expected(hf_tok, docs)
     got, parts = _read_all(out, "uint16")
@@ -234,3 +236,35 @@ def test_help(capsys) -> None:
     text = capsys.readouterr().out
     for flag in ("--tokenizer", "--out", "--text-field", "--dtype", "--max-tokens-per-file", "Examples:"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------- prepare -> train
+def test_prepared_tokens_train_the_tiny_recipe(tmp_path: Path) -> None:
+    """The printed ``--set`` options feed ``olmoe-spattn train`` directly (tiny recipe, 3 steps)."""
+    import subprocess
+    import sys
+
+    tok = build_tiny_tokenizer(tmp_path / "tok", vocab_size=512)  # the tiny recipe's vocab: 512, eos 0, pad 1
+    inp = _write_jsonl(tmp_path / "corpus.jsonl", _docs(400, seed=3))
+    out = tmp_path / "tokens"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    prep = subprocess.run(
+        [sys.executable, "-m", "olmoe_spattn.cli", "prepare-data", str(inp), "--tokenizer", str(tok), "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert prep.returncode == 0, prep.stderr
+    assert "tokenizer: {vocab_size: 512, eos_token_id: 0, pad_token_id: 1" in prep.stdout
+    cli_line = next(line for line in prep.stdout.splitlines() if line.startswith("or on the command line:"))
+    sets = shlex.split(cli_line.split(":", 1)[1])
+    save = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "-m", "olmoe_spattn.cli", "train", "tiny", *sets,
+         "--set", "train.max_steps=3", "--set", "train.log_interval=1", "--set", "train.save_interval=1000",
+         "--set", f"train.save_folder={save}"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no synthetic data was generated
+    steps = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/CE loss"] for r in steps if "train/CE loss" in r]
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)

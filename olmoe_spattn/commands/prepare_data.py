@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data.prepare import DTYPES
 
@@ -93,10 +94,16 @@ def run(args: argparse.Namespace) -> int:
         progress_every=args.progress_every,
         log=lambda line: print(line, flush=True),
     )
+    pad = result.pad_token_id if result.pad_token_id is not None else result.eos_token_id
+    ident = result.tokenizer if not Path(result.tokenizer).exists() else str(Path(result.tokenizer).resolve())
+    glob = f"{Path(result.output_dir).resolve()}/part-*.npy"
     print(
-        "dataset config: "
-        f"paths=['{result.output_dir}/part-*.npy'] (expand_glob=True), dtype={result.dtype}, "
-        f"tokenizer vocab_size={result.vocab_size}, eos_token_id={result.eos_token_id}, "
-        f"pad_token_id={result.pad_token_id}"
+        "recipe data section (model.vocab_size must be >= vocab_size):\n"
+        "data:\n"
+        f"  paths: ['{glob}']\n"
+        f"  dtype: {result.dtype}\n"
+        f"  tokenizer: {{vocab_size: {result.vocab_size}, eos_token_id: {result.eos_token_id}, "
+        f"pad_token_id: {pad}, identifier: '{ident}'}}\n"
+        f"or on the command line: --set 'data.paths=[{glob}]' --set data.dtype={result.dtype} --set data.synthetic=false"
     )
     return 0

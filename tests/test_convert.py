@@ -279,3 +279,22 @@ def test_hf_config_agrees_with_olmo_core_get_hf_config(converted):
                   "tie_word_embeddings", "norm_topk_prob"):  # fmt: skip
         assert ours[field] == getattr(theirs, field), field
     assert ours["rope_parameters"]["rope_theta"] == theirs.rope_parameters["rope_theta"]
+
+
+def test_sharded_hf_weights_round_trip(small_ckpt, tmp_path):
+    """Large models are written as several safetensors shards plus an index."""
+    from safetensors.torch import load_file
+
+    from olmoe_spattn.hf.convert import read_hf_dir, write_hf_dir
+
+    _, _, ckpt = small_ckpt
+    one = convert_to_hf(ckpt, tmp_path / "one")
+    config, state = read_hf_dir(one)
+    sharded = write_hf_dir(tmp_path / "sharded", config, state, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    _, again = read_hf_dir(sharded)
+    ref = load_file(str(one / "model.safetensors"))
+    assert set(again) == set(ref) and all(torch.equal(again[k], ref[k]) for k in ref)
+    model = OlmoeSpattnForCausalLM.from_pretrained(sharded)
+    assert torch.equal(model.lm_head.weight, ref["lm_head.weight"])

@@ -196,9 +196,16 @@ def _readme(config: OlmoeSpattnConfig) -> str:
     )
 
 
-def write_hf_dir(out_dir: str | Path, config: OlmoeSpattnConfig, state: dict[str, torch.Tensor]) -> Path:
-    """Writes config, safetensors weights, README and the import shims to ``out_dir``."""
-    from safetensors.torch import save_file
+def write_hf_dir(
+    out_dir: str | Path,
+    config: OlmoeSpattnConfig,
+    state: dict[str, torch.Tensor],
+    *,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Writes config, safetensors weights (sharded above ``max_shard_size``, with an index),
+    README and the import shims to ``out_dir``."""
+    from huggingface_hub import save_torch_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +213,9 @@ def write_hf_dir(out_dir: str | Path, config: OlmoeSpattnConfig, state: dict[str
     config.architectures = ["OlmoeSpattnForCausalLM"]
     config.save_pretrained(str(out))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
     (out / "configuration_olmoe_spattn.py").write_text(_SHIM_CONFIG)
     (out / "modeling_olmoe_spattn.py").write_text(_SHIM_MODEL)
     (out / "README.md").write_text(_readme(config))

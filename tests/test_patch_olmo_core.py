@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 APPLY = ROOT / "patches" / "apply.sh"
 PATCH = ROOT / "patches" / "olmo-core-3.0.0-band-attention.patch"
 
-pytestmark = pytest.mark.skipif(shutil.which("patch") is None, reason="needs the 'patch' program")
+TOOLS = [t for t in ("patch", "git") if shutil.which(t)]
+pytestmark = pytest.mark.skipif(not TOOLS, reason="needs GNU patch or git")
 
 # Runs inside the patched copy; prints one JSON line of measurements for the tests below.
 CHECK_SCRIPT = r'''
@@ -152,8 +153,12 @@ def _copy_installed_olmo_core(dest: Path) -> Path:
     return dest / "olmo_core"
 
 
-def _apply(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(APPLY), *args], capture_output=True, text=True, timeout=60)
+def _apply(*args: str, tool: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("PATCH_TOOL", None)
+    if tool:
+        env["PATCH_TOOL"] = tool
+    return subprocess.run(["bash", str(APPLY), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -216,27 +221,32 @@ def test_configuration_errors(patched) -> None:
     assert "unknown band_kernel 'cuda'" in e["bad_kernel"]
 
 
-def test_apply_is_idempotent_and_reversible(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tool", TOOLS)
+def test_apply_is_idempotent_and_reversible(tmp_path: Path, tool: str) -> None:
     pkg = _copy_installed_olmo_core(tmp_path)
     pristine = tmp_path / "pristine"
     shutil.copytree(pkg, pristine)
-    assert _apply("--check", str(pkg)).returncode == 0  # the package dir itself: -p3
+    assert _apply("--check", str(pkg), tool=tool).returncode == 0  # the package dir itself: -p3
     assert not (pkg / "nn" / "attention" / "band.py").exists()
-    first = _apply(str(pkg))
-    assert first.returncode == 0 and "patch -d" in first.stdout
-    second = _apply(str(tmp_path))
+    first = _apply(str(pkg), tool=tool)
+    assert first.returncode == 0 and first.stdout.startswith(f"+ {tool} ") and "-p3" in first.stdout
+    assert (pkg / "nn" / "attention" / "band.py").is_file()
+    second = _apply(str(tmp_path), tool=tool)
     assert second.returncode == 0 and "already applied" in second.stdout
-    assert _apply("--reverse", str(tmp_path)).returncode == 0
+    assert _apply("--reverse", str(tmp_path), tool=tool).returncode == 0
     assert not (pkg / "nn" / "attention" / "band.py").exists()
     for name in ("__init__.py", "backend.py"):
         assert filecmp.cmp(pkg / "nn" / "attention" / name, pristine / "nn" / "attention" / name, shallow=False)
 
 
-def test_upstream_layout_and_bad_trees(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tool", TOOLS)
+def test_upstream_layout_and_bad_trees(tmp_path: Path, tool: str) -> None:
     (tmp_path / "repo" / "src").mkdir(parents=True)
     _copy_installed_olmo_core(tmp_path / "repo" / "src")
-    proc = _apply("--check", str(tmp_path / "repo"))  # a git checkout: src/olmo_core, -p1
+    proc = _apply("--check", str(tmp_path / "repo"), tool=tool)  # a git checkout: src/olmo_core, -p1
     assert proc.returncode == 0 and "applies cleanly" in proc.stdout
+    proc = _apply("--check", str(tmp_path / "repo"), tool="svn")
+    assert proc.returncode == 2 and "PATCH_TOOL must be 'patch' or 'git', got 'svn'" in proc.stderr
 
     proc = _apply(str(tmp_path / "missing"))
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
@@ -251,7 +261,7 @@ def test_upstream_layout_and_bad_trees(tmp_path: Path) -> None:
     text = backend.read_text()
     assert "Transformer Engine attention. Supports Hopper" in text  # a context line of the patch
     backend.write_text(text.replace("Transformer Engine attention. Supports Hopper", "TE attention. Hopper"))
-    proc = _apply(str(tmp_path / "repo"))
+    proc = _apply(str(tmp_path / "repo"), tool=tool)
     assert proc.returncode == 1 and "does not apply cleanly" in proc.stderr
     assert not (backend.parent / "band.py").exists()
 

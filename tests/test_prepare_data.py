@@ -195,6 +195,11 @@ def test_clear_errors(tmp_path: Path, tok_dir: Path, capsys) -> None:
     rc, err = _run_cli([str(not_str), *tok], capsys)
     assert rc == 2 and "field 'text' must be a string, got int" in err
 
+    array = tmp_path / "arr.json"
+    array.write_text('[{"text": "a"}, {"text": "b"}]\n')
+    rc, err = _run_cli([str(array), *tok], capsys)
+    assert rc == 2 and "arr.json:1: expected a JSON object" in err and "one object per line" in err
+
     wrong_type = tmp_path / "x.csv"
     wrong_type.write_text("text\nhello\n")
     rc, err = _run_cli([str(wrong_type), *tok], capsys)

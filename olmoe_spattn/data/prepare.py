@@ -80,7 +80,10 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def _field_text(record: object, text_field: str, where: str) -> str:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+        hint = " (a JSON array file is not supported: write one object per line)" if isinstance(record, list) else ""
+        raise ValueError(
+            f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}{hint}"
+        )
     if text_field not in record:
         keys = ", ".join(sorted(map(str, record))) or "none"
         raise ValueError(f"{where}: no field {text_field!r} (fields present: {keys}); choose one with --text-field")

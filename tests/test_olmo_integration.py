@@ -225,3 +225,20 @@ def test_per_layer_specs_with_block_overrides():
     model = build_model(config)
     assert isinstance(model.blocks["0"].attention, BandAttention)
     assert type(model.blocks["1"].attention) is Attention
+
+
+def test_in_place_switch_keeps_parameters():
+    from olmoe_spattn.olmo.attention import set_model_attention
+
+    torch.manual_seed(4)
+    model = build_model(tiny_model_config("dense", VOCAB, backend="torch"))
+    reference = build_model(tiny_model_config("exclusive_bands", VOCAB, backend="torch"))
+    reference.load_state_dict(model.state_dict())
+    x = _tokens()
+    with torch.no_grad():
+        dense = model(x)
+        assert set_model_attention(model, BandSpec("exclusive_bands", 4, 64), "torch") == 2
+        torch.testing.assert_close(model(x), reference(x))
+        set_model_attention(model, None)
+        torch.testing.assert_close(model(x), dense)
+    assert type(model.blocks["0"].attention) is Attention

@@ -104,6 +104,7 @@ def test_overrides_are_parsed_as_yaml():
         (["train.scheduler=linear"], r"train.scheduler='linear' is not allowed"),
         (["data.tokenizer.eos_token_id=999"], r"eos_token_id=999 is outside"),
         (["train"], r"must look like key.path=value"),
+        (["train.activation_checkpointing=full"], r"cannot checkpoint whole MoE blocks; use 'attention'"),
     ],
 )
 def test_bad_recipes_raise_clear_errors(overrides, message):

@@ -73,3 +73,14 @@ def test_resume_after_kill_reproduces_losses(uninterrupted):
     assert _loss_steps(metrics) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-6, abs=1e-6), step
+
+
+def test_activation_checkpointing_gives_the_same_losses(uninterrupted):
+    """OLMo-core's activation checkpointing wraps the band layers without changing the math."""
+    tmp, full = uninterrupted
+    out = _train(tmp, "ac", "--set", "train.activation_checkpointing=attention", env={CRASH_ENV: "3"})
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    assert "activation checkpointing" in (out.stdout + out.stderr).lower()
+    metrics = read_metrics(tmp / "ac")
+    for step in (1, 2):
+        assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-5), step

@@ -171,6 +171,7 @@ class BandAttention(Attention):
             BandAttentionBackend.assert_supports_swa()
         dense = module.backend
         module.__class__ = cls
+        object.__setattr__(module, "_dense_backend", dense)  # kept out of the module tree
         module.backend = BandAttentionBackend(
             spec=spec,
             band_backend=band_backend,
@@ -181,6 +182,12 @@ class BandAttention(Attention):
             dropout_p=dense.dropout_p,
         )
         return module  # type: ignore[return-value]
+
+    def to_dense(self) -> Attention:
+        """Turns this layer back into OLMo-core's dense :class:`Attention`, in place."""
+        self.__class__ = Attention  # type: ignore[assignment]
+        self.backend = self.__dict__.pop("_dense_backend")
+        return self
 
     def apply_tp(self, tp_mesh, input_layout=None, output_layout=None, use_local_output=True, float8_enabled=False):
         """Shards heads like OLMo-core and tells the backend which global heads are local."""
@@ -209,3 +216,22 @@ class BandAttention(Attention):
         pairs = sum(self.backend.spec.covered_pairs(seq_len))  # summed over heads
         attn_flops = 12 * self.head_dim * pairs // seq_len
         return param_flops + attn_flops
+
+
+def set_model_attention(model: torch.nn.Module, spec: BandSpec | None, band_backend: str = "auto") -> int:
+    """Switches every default attention layer of a built model to ``spec`` (``None`` = dense),
+    in place, without touching parameters. Returns the number of layers switched."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, BandAttention):
+            if spec is None:
+                module.to_dense()
+            else:
+                module.backend.spec = spec
+                module.backend.band_backend = band_backend
+            count += 1
+        elif type(module) is Attention:
+            if spec is not None:
+                BandAttention.from_attention(module, spec, band_backend)
+            count += 1
+    return count

@@ -97,7 +97,7 @@ class TrainSection:
     autocast: Union[str, None] = None  # null | bfloat16
     param_dtype: Union[str, None] = None  # null | bfloat16 (FSDP/HSDP mixed precision)
     compile: bool = False
-    activation_checkpointing: Union[str, None] = None  # null | full | selected_blocks ...
+    activation_checkpointing: Union[str, None] = None  # null | attention | selected_ops
     data_parallel: str = "ddp"  # ddp | fsdp | hsdp
     expert_parallel_degree: int = 1
     tensor_parallel_degree: int = 1
@@ -113,7 +113,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
 AUTOCAST = (None, "bfloat16")
 TOKEN_DTYPES = (None, "uint8", "uint16", "uint32", "uint64")
-AC_MODES = (None, "full", "selected_blocks", "selected_modules", "selected_ops", "budget")
+#: null | attention (OLMo-core selected_modules on every attention layer) | selected_ops
+AC_MODES = (None, "attention", "selected_ops")
 
 
 @dataclass
@@ -212,6 +213,12 @@ class Recipe:
         _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
         _choice("train.autocast", t.autocast, AUTOCAST)
         _choice("train.param_dtype", t.param_dtype, AUTOCAST)
+        if t.activation_checkpointing in ("full", "selected_blocks"):
+            raise ValueError(
+                f"train.activation_checkpointing={t.activation_checkpointing!r}: OLMo-core cannot "
+                "checkpoint whole MoE blocks; use 'attention' (checkpoints every attention layer) "
+                "or 'selected_ops'"
+            )
         _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
         if t.context_parallel_degree > 1 and self.attention != "dense":
             raise ValueError(

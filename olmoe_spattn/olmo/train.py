@@ -207,7 +207,6 @@ def _train_module_config(recipe: Recipe, device: torch.device):
     from olmo_core.config import DType
     from olmo_core.optim import WSD, AdamWConfig, ConstantWithWarmup, CosWithWarmup, OptimGroupOverride
     from olmo_core.train.train_module import (
-        TransformerActivationCheckpointingConfig,
         TransformerDataParallelConfig,
         TransformerExpertParallelConfig,
         TransformerTensorParallelConfig,
@@ -252,11 +251,19 @@ def _train_module_config(recipe: Recipe, device: torch.device):
         ep_config=TransformerExpertParallelConfig(degree=t.expert_parallel_degree)
         if t.expert_parallel_degree > 1
         else None,
-        ac_config=TransformerActivationCheckpointingConfig(mode=t.activation_checkpointing)
-        if t.activation_checkpointing
-        else None,
+        ac_config=_ac_config(t.activation_checkpointing),
         autocast_precision=DType(t.autocast) if t.autocast else None,
     )
+
+
+def _ac_config(mode: str | None):
+    from olmo_core.train.train_module import TransformerActivationCheckpointingConfig
+
+    if mode is None:
+        return None
+    if mode == "attention":
+        return TransformerActivationCheckpointingConfig(mode="selected_modules", modules=["blocks.*.attention"])
+    return TransformerActivationCheckpointingConfig(mode=mode)
 
 
 def _check_parallelism(recipe: Recipe, device: torch.device) -> None:

@@ -1,0 +1,304 @@
+"""Training-step throughput of an OLMoE model, dense vs band attention, on one device.
+
+One model (OLMo-core's OLMoE blocks, optionally at reduced depth) is built once; its attention
+layers are switched in place between dense (OLMo-core's SDPA backend) and each band pattern, and
+full training steps (forward, backward, fused AdamW) are timed side by side, in interleaved
+rounds. Alongside, the attention core alone (fwd+bwd of SDPA vs ``band_attention`` on the same
+q/k/v shapes, times the number of layers) gives the attention share ``s`` of the dense step and
+the Amdahl bound ``1 / (1 - s + s * t_band / t_dense)`` each pattern could reach if nothing but
+attention changed; ``ideal`` uses the pattern's share of causal (query, key) pairs instead.
+
+Examples:
+  olmoe-spattn bench train --model olmoe-1b-7b --layers 2 --seq-len 4096 --batch 4
+  olmoe-spattn bench train --model olmoe-0.25b-1.75b --seq-len 16384 --batch 1
+  olmoe-spattn bench train --preset paper      # the three settings of the README table
+
+Results go to benchmarks/results/<gpu>/train_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..api import BACKENDS
+from ..bands import PATTERNS, BandSpec
+
+MODELS = ("olmoe-1b-7b", "olmoe-0.25b-1.75b", "tiny")
+#: --preset paper: (model, layers, seq_len, batch)
+PAPER_SETTINGS = (
+    ("olmoe-1b-7b", 2, 4096, 4),
+    ("olmoe-0.25b-1.75b", 16, 1024, 16),
+    ("olmoe-0.25b-1.75b", 16, 16384, 1),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=MODELS, default="olmoe-1b-7b", help="architecture (bundled recipe)")
+    parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the recipe's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the recipe's)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument(
+        "--patterns", default="exclusive_bands,spattention",
+        help="comma-separated band patterns compared with dense (default exclusive_bands,spattention)",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="band_attention backend (default auto)")
+    parser.add_argument("--moe", choices=("grouped_mm", "olmo-core"), default="grouped_mm",
+                        help="expert matmuls: torch grouped_mm (bf16) or OLMo-core's default (loop without grouped_gemm)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant (default 3)")
+    parser.add_argument("--preset", choices=("paper",), default=None,
+                        help="run the standard settings (1B-7B 2 layers @4096; 0.25B-1.75B @1024 and @16384)")
+    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<gpu>)")
+    parser.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
+
+
+@dataclass
+class Setting:
+    model: str
+    layers: int
+    seq_len: int
+    batch: int
+    n_heads: int = 0
+    head_dim: int = 0
+    step_ms: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: dict[str, float] = field(default_factory=dict)
+    attn_ms: dict[str, float] = field(default_factory=dict)  # fwd+bwd of the core, all layers
+    speedup: dict[str, float] = field(default_factory=dict)
+    amdahl_bound: dict[str, float] = field(default_factory=dict)
+    ideal_bound: dict[str, float] = field(default_factory=dict)
+    attention_share: float | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _recipe(model: str, layers: int | None, seq_len: int | None, batch: int):
+    from ..olmo.recipe import load_recipe
+
+    overrides = [f"train.rank_microbatch_size={batch}", f"train.global_batch_size={batch}"]
+    if layers is not None:
+        overrides.append(f"model.n_layers={layers}")
+    if seq_len is not None:
+        overrides.append(f"train.sequence_length={seq_len}")
+    return load_recipe(model, overrides + ["attention=dense"])
+
+
+def _train_step_fn(model, optim, ids: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(ids)  # [B, T, V]
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()  # MoE load-balancing / z losses ride along through attach_auxiliary_loss
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        post_batch = getattr(model, "post_batch", None)  # OLMo-core's per-batch MoE bookkeeping
+        if post_batch is not None:
+            post_batch()
+
+    return step
+
+
+def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, device: torch.device):
+    from ..api import band_attention
+
+    B, T, H, D = setting.batch, setting.seq_len, setting.n_heads, setting.head_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    fns = {}
+
+    def dense() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        out.backward(dout.transpose(1, 2))
+
+    fns["dense"] = dense
+    for p in patterns:
+        spec = BandSpec(p, H, T)
+
+        def band(spec: BandSpec = spec) -> None:
+            band_attention(q, k, v, spec, backend).backward(dout)
+
+        fns[p] = band
+    return fns
+
+
+def _time_training_steps(config, setting: Setting, patterns: list[str], args: argparse.Namespace,
+                         device: torch.device, vocab_size: int):
+    """Medians of full training steps with each attention variant, one model switched in place."""
+    from ..olmo.attention import set_model_attention
+    from ..olmo.model import build_model
+    from .timing import measure_interleaved
+
+    torch.manual_seed(0)
+    model = build_model(config, device, max_seq_len=setting.seq_len)
+    if args.moe == "grouped_mm" and device.type == "cuda":
+        from ..olmo.moe_grouped import grouped_mm_available, use_grouped_mm_moe
+
+        if grouped_mm_available(device):
+            use_grouped_mm_moe(model)
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab_size, (setting.batch, setting.seq_len + 1), generator=g).to(device)
+    step = _train_step_fn(model, optim, ids[:, :-1], ids[:, 1:], device)
+
+    def variant(name: str):
+        spec = None if name == "dense" else BandSpec(name, setting.n_heads, setting.seq_len)
+
+        def run() -> None:
+            set_model_attention(model, spec, args.backend)
+            step()
+
+        return run
+
+    names = ["dense", *patterns]
+    return measure_interleaved(
+        {n: variant(n) for n in names}, device=device, warmup=args.warmup, iters=args.steps, rounds=args.rounds
+    )
+
+
+def bench_setting(setting: Setting, patterns: list[str], args: argparse.Namespace, device: torch.device) -> Setting:
+    from .timing import measure_interleaved
+
+    recipe = _recipe(setting.model, setting.layers, setting.seq_len, setting.batch)
+    config = recipe.model_config()
+    setting.layers, setting.seq_len = config.n_layers, recipe.train.sequence_length
+    setting.n_heads = config.block.sequence_mixer.n_heads
+    setting.head_dim = config.d_model // setting.n_heads
+    timings = _time_training_steps(config, setting, patterns, args, device, recipe.data.tokenizer.vocab_size)
+    tokens = setting.batch * setting.seq_len
+    for n, t in timings.items():
+        if t.error:
+            setting.errors[n] = t.error
+        elif t.median_ms:
+            setting.step_ms[n] = t.median_ms
+            setting.tokens_per_s[n] = tokens / (t.median_ms / 1e3)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    core = measure_interleaved(
+        _attention_core_fns(setting, patterns, args.backend, device),
+        device=device, warmup=args.warmup, iters=max(args.steps, 5), rounds=args.rounds,
+    )
+    for n, t in core.items():
+        if t.median_ms:
+            setting.attn_ms[n] = t.median_ms * setting.layers
+        elif t.error:
+            setting.errors[f"core:{n}"] = t.error
+    dense_step, dense_attn = setting.step_ms.get("dense"), setting.attn_ms.get("dense")
+    if dense_step and dense_attn:
+        s = min(dense_attn / dense_step, 1.0)
+        setting.attention_share = s
+        T = setting.seq_len
+        causal = T * (T + 1) / 2
+        for p in patterns:
+            if p in setting.step_ms:
+                setting.speedup[p] = dense_step / setting.step_ms[p]
+            if p in setting.attn_ms:
+                setting.amdahl_bound[p] = 1 / (1 - s + s * setting.attn_ms[p] / dense_attn)
+            frac = sum(BandSpec(p, setting.n_heads, T).covered_pairs(T)) / (setting.n_heads * causal)
+            setting.ideal_bound[p] = 1 / (1 - s + s * frac)
+    return setting
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def to_markdown(data: dict) -> str:
+    lines = [
+        f"# Training throughput, dense vs band attention ({data['device']})",
+        "",
+        f"Command: `{data['command']}`; backend `{data['backend']}`, MoE `{data['moe']}`, "
+        f"bf16 autocast, fused AdamW; medians of {data['rounds']} interleaved rounds x {data['steps']} steps.",
+        "",
+        "| model | layers | seq | batch | attention | step ms | tokens/s | speedup | attn share (dense) "
+        "| Amdahl bound (measured kernels) | bound (ideal work) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in data["settings"]:
+        for name in ["dense", *data["patterns"]]:
+            lines.append(
+                f"| {s['model']} | {s['layers']} | {s['seq_len']} | {s['batch']} | {name} | "
+                f"{_fmt(s['step_ms'].get(name), '.1f')} | {_fmt(s['tokens_per_s'].get(name), ',.0f')} | "
+                f"{_fmt(s['speedup'].get(name)) if name != 'dense' else '1.00'} | "
+                f"{_fmt(s['attention_share'], '.1%') if name == 'dense' else ''} | "
+                f"{_fmt(s['amdahl_bound'].get(name)) if name != 'dense' else ''} | "
+                f"{_fmt(s['ideal_bound'].get(name)) if name != 'dense' else ''} |"
+            )
+        for k, v in s["errors"].items():
+            lines.append(f"\n{s['model']} @ {s['seq_len']}: `{k}` failed: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .kernel import device_name, gpu_slug
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    bad = [p for p in patterns if p not in PATTERNS or p == "dense"]
+    if bad:
+        raise ValueError(f"unknown band pattern(s) {bad}; allowed: {', '.join(p for p in PATTERNS if p != 'dense')}")
+    for name in ("batch", "steps", "rounds"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.preset == "paper":
+        settings = [Setting(m, layers, seq, batch) for m, layers, seq, batch in PAPER_SETTINGS]
+    else:
+        settings = [Setting(args.model, args.layers or 0, args.seq_len or 0, args.batch)]
+    out_dir = Path(args.out_dir) if args.out_dir else Path("benchmarks/results") / gpu_slug(device_name(device))
+    data = {
+        "device": device_name(device),
+        "command": "olmoe-spattn bench train " + " ".join(_argv_echo(args)),
+        "backend": args.backend,
+        "moe": args.moe,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "patterns": patterns,
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "settings": [],
+    }
+    for s in settings:
+        t0 = time.perf_counter()
+        print(f"bench train: {s.model} layers={s.layers or 'recipe'} seq={s.seq_len or 'recipe'} batch={s.batch} ...", flush=True)
+        s = bench_setting(
+            Setting(s.model, s.layers or None, s.seq_len or None, s.batch), patterns, args, device  # type: ignore[arg-type]
+        )
+        data["settings"].append(asdict(s))
+        print(_summary_line(s) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_bench.json").write_text(json.dumps(data, indent=2))
+    (out_dir / "train_bench.md").write_text(to_markdown(data))
+    print(to_markdown(data))
+    print(f"wrote {out_dir / 'train_bench.json'} and {out_dir / 'train_bench.md'}")
+    return 0
+
+
+def _summary_line(s: Setting) -> str:
+    parts = [f"{s.model} L={s.layers} T={s.seq_len} B={s.batch}:"]
+    for name, tps in s.tokens_per_s.items():
+        extra = f" x{s.speedup[name]:.2f} (bound {s.amdahl_bound.get(name, float('nan')):.2f})" if name in s.speedup else ""
+        parts.append(f"{name} {tps:,.0f} tok/s{extra}")
+    if s.attention_share is not None:
+        parts.append(f"attention share {s.attention_share:.1%}")
+    if s.errors:
+        parts.append(f"errors: {s.errors}")
+    return " ".join(parts)
+
+
+def _argv_echo(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("preset", "model", "layers", "seq_len", "batch", "patterns", "backend", "moe", "steps", "rounds"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out.append(f"--{key.replace('_', '-')} {value}")
+    return out
+

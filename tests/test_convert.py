@@ -298,3 +298,29 @@ def test_sharded_hf_weights_round_trip(small_ckpt, tmp_path):
     assert set(again) == set(ref) and all(torch.equal(again[k], ref[k]) for k in ref)
     model = OlmoeSpattnForCausalLM.from_pretrained(sharded)
     assert torch.equal(model.lm_head.weight, ref["lm_head.weight"])
+
+
+def test_checkpoint_of_the_train_command_converts(tmp_path, tokenizer_dir):
+    """`olmoe-spattn train` (tiny recipe, 2 steps, CPU) -> `convert to-hf` -> same logits."""
+    from olmoe_spattn.hf.convert import load_olmo_core_checkpoint
+    from olmoe_spattn.olmo import build_model
+
+    repo = Path(__file__).resolve().parents[1]
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "olmoe_spattn.cli", "train", str(repo / "configs" / "tiny.yaml"),
+           "--set", "train.max_steps=2", "--set", "train.save_interval=2", "--set", f"train.save_folder={save}",
+           "--set", f"data.paths=[{tmp_path / 'tokens.npy'}]", "--set", "data.synthetic_tokens=20000",
+           "--set", "attention=exclusive_bands", "--set", "partition_len=32"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = save / "step2"
+    hf_dir = convert_to_hf(step, tmp_path / "hf", tokenizer=tokenizer_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert (cfg["attention_pattern"], cfg["partition_len"], cfg["max_position_embeddings"]) == ("exclusive_bands", 32, 64)
+    assert cfg["eos_token_id"] == 0 and cfg["pad_token_id"] == 1
+    ckpt = load_olmo_core_checkpoint(step)
+    model = build_model(ckpt.model_config, "cpu", init_weights=False)
+    model.load_state_dict(ckpt.state)
+    ids = torch.randint(2, 512, (2, 64), generator=torch.Generator().manual_seed(7))
+    hf_model = OlmoeSpattnForCausalLM.from_pretrained(hf_dir).eval()
+    torch.testing.assert_close(H.hf_logits(hf_model, ids), H.olmo_logits(model.eval(), ids), rtol=1e-5, atol=1e-5)

@@ -118,6 +118,31 @@ def _locate(checkpoint: Path) -> tuple[str, Path, Path]:
     return kind, checkpoint, checkpoint.parent / "config.json"
 
 
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def experiment_tokenizer_and_length(experiment: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """Tokenizer settings and training sequence length from an experiment config.
+
+    Looks where OLMo-core experiments (``dataset.tokenizer``, ``dataset.sequence_length``),
+    this package's training recipes (``recipe.data.tokenizer``, ``recipe.train.sequence_length``)
+    and ``convert from-hf`` (``tokenizer``) keep them.
+    """
+    tok = (
+        _get(experiment, "dataset", "tokenizer")
+        or _get(experiment, "recipe", "data", "tokenizer")
+        or _get(experiment, "tokenizer")
+        or {}
+    )
+    seq_len = _get(experiment, "dataset", "sequence_length") or _get(experiment, "recipe", "train", "sequence_length")
+    return (tok if isinstance(tok, dict) else {}), (int(seq_len) if isinstance(seq_len, int) else None)
+
+
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
@@ -155,13 +180,16 @@ def _load_dcp(dcp_dir: Path, model_config: Any) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ tokenizer
-def _tokenizer_source(explicit: str | Path | None, checkpoint_dir: Path) -> Path | None:
+def _tokenizer_source(explicit: str | Path | None, checkpoint_dir: Path, identifier: Any = None) -> Path | None:
+    """``--tokenizer``, else tokenizer files in the checkpoint, else a local directory named
+    by the experiment's tokenizer ``identifier`` (hub names are not fetched)."""
     if explicit is not None:
         path = Path(explicit)
         if not path.exists():
             raise CheckpointError(f"tokenizer {path} does not exist")
         return path
-    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir):
+    local = [Path(identifier)] if isinstance(identifier, str) and Path(identifier).is_dir() else []
+    for candidate in (checkpoint_dir / "tokenizer", checkpoint_dir, *local):
         if (candidate / "tokenizer.json").is_file():
             return candidate
     return None
@@ -252,22 +280,22 @@ def convert_to_hf(
     partition length, else 4096.
     """
     ckpt = load_olmo_core_checkpoint(checkpoint, config_path=config_path)
-    tok_cfg = ckpt.experiment.get("dataset", {}).get("tokenizer") if isinstance(ckpt.experiment.get("dataset"), dict) else None
-    tok_cfg = tok_cfg or ckpt.experiment.get("tokenizer") or {}
+    tok_cfg, seq_len = experiment_tokenizer_and_length(ckpt.experiment)
     ids = {f"{r}_token_id": tok_cfg.get(f"{r}_token_id") for r in ("bos", "eos", "pad")}
     spec = band_spec_of_model_config(ckpt.model_config)
     if max_seq_len is None:
-        dataset = ckpt.experiment.get("dataset")
-        max_seq_len = dataset.get("sequence_length") if isinstance(dataset, dict) else None
+        max_seq_len = seq_len
     hf_config = hf_config_from_olmo_core(ckpt.model_config, spec=spec, max_position_embeddings=max_seq_len, **ids)
     state = olmo_core_to_hf(ckpt.state, moe_shape_of(ckpt.model_config))
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
         hf_config.dtype = str(dtype).removeprefix("torch.")
     out = write_hf_dir(out_dir, hf_config, state)
-    source = _tokenizer_source(tokenizer, ckpt.source_dir)
+    source = _tokenizer_source(tokenizer, ckpt.source_dir, tok_cfg.get("identifier"))
     if source is not None:
         save_tokenizer(source, out, ids)
+    else:
+        print(f"note: no tokenizer files found for {checkpoint}; pass --tokenizer to include them")
     return out
 
 

@@ -191,3 +191,17 @@ def test_load_run_rejects_other_json(tmp_path):
     bad.write_text(json.dumps({"results": {}}))
     with pytest.raises(ValueError, match="scores"):
         load_run(bad)
+
+
+def test_dynamic_partition_model_evaluates_one_sequence_at_a_time(tmp_path, capsys):
+    from olmoe_spattn.cli import main
+
+    config = H.model_config("spattention", "dynamic")
+    model = H.build_olmo_model(config)
+    tok = H.build_tokenizer(tmp_path / "tok")
+    hf_dir = convert_to_hf(H.save_unsharded(model, config, tmp_path / "olmo", tok), tmp_path / "hf")
+    out = tmp_path / "dyn.json"
+    assert main(["eval", str(hf_dir), "--tasks", "spattn_tiny_mc", "--limit", "3", "--batch-size", "4",
+                 "--device", "cpu", "--include-path", str(TASKS), "--out", str(out)]) == 0  # fmt: skip
+    assert "--batch-size 4 -> 1" in capsys.readouterr().out
+    assert load_run(out)["partition_len"] == "dynamic"

@@ -88,6 +88,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("cannot find the eval/tasks folder; pass --include-path PATH/TO/eval/tasks")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     passes = expand_tasks(args.tasks, args.num_fewshot)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    batch_size = args.batch_size
+    if cfg.get("partition_len") == "dynamic" and str(batch_size) != "1":
+        # the partition would follow each padded batch's length: score one sequence at a time
+        print(f"note: partition_len is 'dynamic', so --batch-size {batch_size} -> 1 (padding would change the bands)")
+        batch_size = "1"
     manager = TaskManager(include_path=str(include))
     scores: dict[str, dict[str, float]] = {}
     records = []
@@ -101,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             tasks=list(p.tasks),
             num_fewshot=p.num_fewshot,
             limit=_limit(args.limit),
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             device=device,
             task_manager=manager,
         )
@@ -112,7 +118,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         records.append({"tasks": list(p.tasks), "num_fewshot": p.num_fewshot, "seconds": round(seconds, 2),
                         "n_samples": out.get("n-samples", {})})
         print(f"[{i}/{len(passes)}] done in {seconds:.1f}s", flush=True)
-    cfg = json.loads((model_dir / "config.json").read_text())
     return {
         "name": args.name or _run_name(model_dir),
         "model_dir": str(model_dir),

@@ -84,3 +84,26 @@ def test_activation_checkpointing_gives_the_same_losses(uninterrupted):
     metrics = read_metrics(tmp / "ac")
     for step in (1, 2):
         assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-5), step
+
+
+@pytest.mark.parametrize("data_parallel", ["fsdp"])
+def test_torchrun_two_ranks_on_cpu_matches_one_process(uninterrupted, data_parallel):
+    """``torchrun --nproc-per-node 2 -m olmoe_spattn.cli train`` (gloo) splits the same global
+    batch over two ranks: the losses equal the single-process run's."""
+    tmp, full = uninterrupted
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "olmoe_spattn.cli",
+        "train", "tiny",
+        "--set", f"train.save_folder={tmp / data_parallel}",
+        "--set", f"data.paths=[{tmp / 'tokens.npy'}]",
+        "--set", f"train.max_steps={STEPS}",
+        "--set", "train.save_interval=100",
+        "--set", "train.log_interval=1",
+        "--set", f"train.data_parallel={data_parallel}",
+    ]
+    env = {**os.environ, CRASH_ENV: "4", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert "Data parallel world size = 2" in out.stdout + out.stderr, out.stderr[-3000:]
+    metrics = read_metrics(tmp / data_parallel)
+    for step in (1, 2, 3):
+        assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-4), step

@@ -273,8 +273,6 @@ def _check_parallelism(recipe: Recipe, device: torch.device) -> None:
             "expert/tensor parallelism needs GPUs (OLMo-core's MoE kernels); on a CPU use "
             "train.expert_parallel_degree=1 and train.tensor_parallel_degree=1"
         )
-    if device.type != "cuda" and t.data_parallel != "ddp" and world_size() > 1:
-        raise ValueError(f"train.data_parallel={t.data_parallel!r} needs GPUs; use ddp on a CPU")
     per_step = t.global_batch_size
     dp_world = world_size() // (t.tensor_parallel_degree * t.context_parallel_degree)
     if per_step % (t.rank_microbatch_size * max(dp_world, 1)):

@@ -71,13 +71,15 @@ def test_cpu_quick_run_writes_results(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_bench_train_missing_module_is_a_clear_error(capsys):
+def test_missing_bench_module_is_a_clear_error(capsys, monkeypatch):
     from olmoe_spattn.commands import bench
 
-    if bench._load("train")[0] is not None:
-        pytest.skip("olmoe_spattn.bench.train exists: nothing missing to report")
-    assert main(["bench", "train"]) == 2
-    assert "olmoe_spattn.bench.train is missing" in capsys.readouterr().err
+    kinds = {**bench.KINDS, "nothing": ("olmoe_spattn.bench.does_not_exist", "a benchmark not installed")}
+    monkeypatch.setattr(bench, "KINDS", kinds)
+    assert main(["bench", "nothing"]) == 2
+    assert "olmoe_spattn.bench.does_not_exist is missing" in capsys.readouterr().err
+    # the other subcommands keep working
+    assert main(["show-pattern", "--heads", "2", "--seq-len", "8"]) == 0
 
 
 @pytest.mark.gpu

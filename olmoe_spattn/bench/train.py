@@ -274,12 +274,16 @@ def run(args: argparse.Namespace) -> int:
         )
         data["settings"].append(asdict(s))
         print(_summary_line(s) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_bench.json").write_text(json.dumps(data, indent=2))
-    (out_dir / "train_bench.md").write_text(to_markdown(data))
+        _write(data, out_dir)  # after every setting, so a cut-off run keeps what it measured
     print(to_markdown(data))
     print(f"wrote {out_dir / 'train_bench.json'} and {out_dir / 'train_bench.md'}")
     return 0
+
+
+def _write(data: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_bench.json").write_text(json.dumps(data, indent=2))
+    (out_dir / "train_bench.md").write_text(to_markdown(data))
 
 
 def _summary_line(s: Setting) -> str:

@@ -125,7 +125,7 @@ def test_train_command_on_gpu(tmp_path):
 
 def test_compiled_band_model_forward_backward():
     torch.manual_seed(0)
-    config = tiny_model_config("spattention", 256, d_model=128, n_heads=4, partition_len=256, backend="flex")
+    config = tiny_model_config("spattention", 256, d_model=128, n_heads=4, partition_len=256, backend=_band_backend())
     model = build_model(config, CUDA)
     use_torch_moe(model)  # keep the MoE permutation compilable
     compiled = torch.compile(model)

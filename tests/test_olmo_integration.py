@@ -242,3 +242,17 @@ def test_in_place_switch_keeps_parameters():
         set_model_attention(model, None)
         torch.testing.assert_close(model(x), dense)
     assert type(model.blocks["0"].attention) is Attention
+
+
+def test_model_with_doc_lens_equals_documents_run_separately():
+    """OLMo-core's ``doc_lens`` -> ``cu_doc_lens`` -> band varlen: a packed row gives each
+    document exactly what it gets alone (RoPE positions restart per document too)."""
+    torch.manual_seed(5)
+    model = build_model(tiny_model_config("exclusive_bands", VOCAB, partition_len=16, backend="torch"))
+    x = _tokens(batch=1, seq=40)
+    doc_lens = torch.tensor([[13, 27]])
+    with torch.no_grad():
+        packed = model(x, doc_lens=doc_lens, max_doc_lens=[27])
+        first, second = model(x[:, :13]), model(x[:, 13:])
+    torch.testing.assert_close(packed[:, :13], first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 13:], second, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,8 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
               lb_loss_weight, z_loss_weight}
     data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,
-              eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, work_dir}
+              eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, document_masking,
+              work_dir}
     train:   see :class:`TrainSection`
 
 Relative paths are resolved against the current directory. Every key is checked: an unknown key,
@@ -68,6 +69,7 @@ class DataSection:
     synthetic_tokens: int = 500_000
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     dtype: Union[str, None] = None  # token dtype of the files; null = inferred from vocab_size
+    document_masking: bool = False  # attend only within each document (EOS-separated), varlen
     work_dir: Union[str, None] = None
 
 
@@ -220,6 +222,11 @@ class Recipe:
                 "or 'selected_ops'"
             )
         _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+        if t.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("train.wandb=true needs the wandb package: pip install wandb")
         if t.context_parallel_degree > 1 and self.attention != "dense":
             raise ValueError(
                 f"train.context_parallel_degree={t.context_parallel_degree}: context parallelism is "

@@ -321,6 +321,7 @@ def train(recipe: Recipe) -> dict[str, float]:
             paths=paths,
             sequence_length=t.sequence_length,
             dtype=recipe.data.dtype,
+            generate_doc_lengths=recipe.data.document_masking,
             work_dir=recipe.data.work_dir or str(Path(save_folder) / "dataset-cache"),
         ).build()
         data_loader = NumpyDataLoaderConfig(

@@ -110,6 +110,14 @@ with torch.no_grad():
     res["exclusive_vs_dense"] = (exclusive(ids) - ref_logits).abs().max().item()
 res["dense_default_backend"] = type(dense.blocks["0"].attention.backend).__name__
 
+# the band options survive OLMo-core's config serialisation (JSON round trip) and rebuild the backend
+cfg = TransformerConfig.olmo2_1M(vocab_size=V, n_heads=H)
+cfg.block = dataclasses.replace(cfg.block, sequence_mixer=dataclasses.replace(
+    cfg.block.sequence_mixer, band_pattern="gapped_bands", band_partition_len="dynamic"))
+cfg2 = TransformerConfig.from_dict(json.loads(json.dumps(cfg.as_config_dict())))
+rebuilt = cfg2.build(init_device="cpu").blocks["0"].attention.backend
+res["roundtrip"] = [type(rebuilt).__name__, rebuilt.band_pattern, rebuilt.band_partition_len]
+
 # the native mask equals BandSpec.mask
 ok = True
 for pattern in ("spattention", "exclusive_bands", "gapped_bands", "sliding_window", "dense"):
@@ -208,6 +216,10 @@ def test_backward_finite_and_dense_twin(patched) -> None:
     assert res["dense_vs_torch_backend"] < 1e-5  # band_pattern='dense' == OLMo-core's causal SDPA
     assert res["exclusive_vs_dense"] > 1e-3  # and a real band pattern changes the model's output
     assert res["masks_equal"]
+
+
+def test_config_roundtrip(patched) -> None:
+    assert patched[1]["roundtrip"] == ["BandAttentionBackend", "gapped_bands", "dynamic"]
 
 
 def test_configuration_errors(patched) -> None:

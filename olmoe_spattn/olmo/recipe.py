@@ -105,6 +105,7 @@ class TrainSection:
     tensor_parallel_degree: int = 1
     context_parallel_degree: int = 1
     num_workers: int = 0
+    moe_matmul: str = "auto"  # auto | grouped_mm | olmo-core (see olmoe_spattn.olmo.moe_grouped)
     wandb: bool = False
     wandb_project: str = "olmoe-spattn"
     wandb_entity: Union[str, None] = None
@@ -114,6 +115,7 @@ SCHEDULERS = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
 AUTOCAST = (None, "bfloat16")
+MOE_MATMULS = ("auto", "grouped_mm", "olmo-core")
 TOKEN_DTYPES = (None, "uint8", "uint16", "uint32", "uint64")
 #: null | attention (OLMo-core selected_modules on every attention layer) | selected_ops
 AC_MODES = (None, "attention", "selected_ops")
@@ -213,6 +215,7 @@ class Recipe:
         _choice("train.scheduler", t.scheduler, SCHEDULERS)
         _choice("train.device", t.device, DEVICES)
         _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
+        _choice("train.moe_matmul", t.moe_matmul, MOE_MATMULS)
         _choice("train.autocast", t.autocast, AUTOCAST)
         _choice("train.param_dtype", t.param_dtype, AUTOCAST)
         if t.activation_checkpointing in ("full", "selected_blocks"):

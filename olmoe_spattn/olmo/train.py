@@ -256,6 +256,23 @@ def _train_module_config(recipe: Recipe, device: torch.device):
     )
 
 
+def _use_grouped_mm(choice: str, device: torch.device) -> bool:
+    """``auto``: grouped_mm on a capable GPU unless OLMo-core found ``grouped_gemm``."""
+    from .moe_grouped import grouped_mm_available
+
+    if choice == "olmo-core" or device.type != "cuda":
+        return False
+    if not grouped_mm_available(device):
+        if choice == "grouped_mm":
+            raise ValueError("train.moe_matmul='grouped_mm' needs a CUDA GPU with compute capability >= 8.0")
+        return False
+    if choice == "grouped_mm":
+        return True
+    from olmo_core.nn.moe import mlp as moe_mlp
+
+    return getattr(moe_mlp, "gmm", None) is None
+
+
 def _ac_config(mode: str | None):
     from olmo_core.train.train_module import TransformerActivationCheckpointingConfig
 
@@ -307,6 +324,10 @@ def train(recipe: Recipe) -> dict[str, float]:
             from .moe_cpu import use_torch_moe
 
             use_torch_moe(model)
+        elif _use_grouped_mm(t.moe_matmul, device):
+            from .moe_grouped import use_grouped_mm_moe
+
+            use_grouped_mm_moe(model)
         train_module = _train_module_config(recipe, device).build(model, device=device)
 
         tok = recipe.data.tokenizer

@@ -66,6 +66,10 @@ _LAZY: dict[str, str] = {
 
 __all__ = ["band_config_fields", "REGISTERED_NAME", *_LAZY]
 
+from ._hook import install as _install  # noqa: E402
+
+_install()  # idempotent: registers now if OLMo-core's attention is loaded, else on its import
+
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)

@@ -108,7 +108,8 @@ def test_reduced_olmoe_1b_7b_trains_with_band_kernel(pattern):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_train_command_on_gpu(tmp_path):
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_train_command_on_gpu(tmp_path, compile_model):
     cmd = [
         sys.executable, "-m", "olmoe_spattn.cli", "train", "tiny",
         "--set", f"train.save_folder={tmp_path / 'run'}",
@@ -117,6 +118,7 @@ def test_train_command_on_gpu(tmp_path):
         "--set", "train.max_steps=8",
         "--set", "train.device=cuda",
         "--set", f"attention_backend={_band_backend()}",
+        "--set", f"train.compile={str(compile_model).lower()}",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-4000:]

@@ -256,3 +256,16 @@ def test_model_with_doc_lens_equals_documents_run_separately():
         first, second = model(x[:, :13]), model(x[:, 13:])
     torch.testing.assert_close(packed[:, :13], first, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 13:], second, atol=1e-5, rtol=1e-5)
+
+
+def test_band_layers_do_not_need_the_dense_backend_package():
+    """A config asking OLMo-core for flash-attn still builds band layers where flash-attn is absent."""
+    from olmo_core.nn.attention import AttentionBackendName
+
+    base = TransformerConfig.olmoe_1B_7B(vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4)
+    base.block.sequence_mixer.backend = AttentionBackendName.flash_2
+    config = with_attention(base, "spattention", 32)
+    assert config.block.sequence_mixer.backend == "flash_2"  # kept for the way back to dense
+    layer = config.block.sequence_mixer.build(64, layer_idx=0, n_layers=1, init_device="meta")
+    assert isinstance(layer, BandAttention)
+    assert with_attention(config, "dense").block.sequence_mixer.backend == "flash_2"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from olmo_core.exceptions import OLMoConfigurationError
-from olmo_core.nn.attention import AttentionConfig, AttentionType
+from olmo_core.nn.attention import AttentionBackendName, AttentionConfig, AttentionType
 from olmo_core.nn.attention.base import SequenceMixerConfig
 from olmo_core.nn.buffer_cache import BufferCache
 
@@ -127,10 +127,11 @@ class BandAttentionConfig(AttentionConfig):
         """Builds OLMo-core's attention layer, then gives it the band backend (unless dense)."""
         from .attention import BandAttention
 
-        module = self.to_attention_config().build(
-            d_model, layer_idx=layer_idx, n_layers=n_layers, init_device=init_device, cache=cache
-        )
+        base = self.to_attention_config()
         spec = self.band_spec()
+        if spec is not None:  # the dense backend is replaced: never require flash-attn & co.
+            base = dataclasses.replace(base, backend=AttentionBackendName.torch, use_flash=None)
+        module = base.build(d_model, layer_idx=layer_idx, n_layers=n_layers, init_device=init_device, cache=cache)
         if spec is None:
             return module
         return BandAttention.from_attention(module, spec, self.band_backend)

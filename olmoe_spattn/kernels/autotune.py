@@ -1,0 +1,134 @@
+"""Launch configurations: a small autotuned space on GPUs, fixed choices elsewhere.
+
+Autotuning is on by default on CUDA and off when ``TRITON_INTERPRET=1`` or
+``OLMOE_SPATTN_AUTOTUNE=0`` (tests, reproducible runs); then :func:`fixed_config` picks
+one configuration by head dim and band width. The tuning key is the kernel, the head
+dim, the dtype, varlen or not, a bucket of the band width (short bands like small query
+tiles, long ones big tiles) and a bucket of the amount of work, so a training run tunes
+once per layer shape.
+
+The tuner (:func:`pick`) is deliberately conservative: the per-GPU sweeps behind
+:func:`fixed_config` are its default, every candidate is timed in interleaved rounds
+(so clock ramps and run-to-run noise, ~15% on these shapes, hit all alike), and another
+configuration replaces the default only when its median is at least 3% faster.
+``triton.autotune`` times each config once, in a row, and keeps whichever wins.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import triton
+import triton.testing
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_enabled() -> bool:
+    return not interpreting() and os.environ.get("OLMOE_SPATTN_AUTOTUNE", "1") != "0"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
+
+def band_bucket(extent: int) -> int:
+    """Coarse band-width class used in the tuning key: 0 (<= 512), 1 (<= 2048), 2 (longer)."""
+    return 0 if extent <= 512 else (1 if extent <= 2048 else 2)
+
+
+def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
+    return block_d * 100 + band_bucket(extent) * 10 + int(is_varlen)
+
+
+# --------------------------------------------------------------------------- fixed choices
+def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
+    """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | decode.
+
+    Picked from per-kernel sweeps on an H100 (bf16; benchmarks/scratch_bench.py --sweep).
+    """
+    if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
+        return LaunchConfig(16, 16, 4, 1)
+    big_d = block_d > 128
+    bucket = band_bucket(extent)
+    if kind == "decode":
+        return LaunchConfig(16, 64 if big_d else 128, 4, 2 if big_d else 3)
+    if big_d:  # D up to 256: small tiles, shallow pipelines (shared memory)
+        return LaunchConfig(32, 64, 4, 2) if kind == "dkdv" else LaunchConfig(64, 32, 4, 2)
+    if kind == "fwd":
+        if bucket == 2:  # long bands, dense: big tiles, two warpgroups
+            return LaunchConfig(128, 64, 8, 3)
+        return LaunchConfig(64, 64, 4, 2)
+    if kind == "dq":
+        return LaunchConfig(64, 64, 4, 2)
+    if kind == "dkdv":  # block_m = query step, block_n = keys per program
+        if bucket == 2 and block_d > 64:
+            return LaunchConfig(64, 128, 8, 2)
+        return LaunchConfig(32, 64, 4, 3)
+    raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- tuned spaces
+_SPACE = {
+    "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+}
+
+
+def _smem_bytes(kind: str, cfg: LaunchConfig, block_d: int) -> int:
+    elt = 2
+    if kind == "dkdv":  # resident K, V tile; streamed Q, dO
+        return 2 * cfg.block_n * block_d * elt + cfg.num_stages * 2 * cfg.block_m * block_d * elt
+    # resident Q (and dO); streamed K, V
+    return 2 * cfg.block_m * block_d * elt + cfg.num_stages * 2 * cfg.block_n * block_d * elt
+
+
+def candidates(kind: str, block_d: int, default: LaunchConfig) -> list[LaunchConfig]:
+    """The default first, then the rest of the space that fits in shared memory."""
+    out = [default]
+    for entry in _SPACE[kind]:
+        cfg = LaunchConfig(*entry)
+        if cfg != default and _smem_bytes(kind, cfg, block_d) <= 200 * 1024:
+            out.append(cfg)
+    return out
+
+
+#: Tuned choices so far: ``(kind, key) -> LaunchConfig``.
+TUNED: dict[tuple, LaunchConfig] = {}
+_ROUNDS = 3
+_MIN_GAIN = 0.03
+
+
+def pick(kind: str, key: tuple, default: LaunchConfig, block_d: int, run: Callable[[LaunchConfig], object]) -> LaunchConfig:
+    """The configuration for ``(kind, key)``: cached, else timed (``run(cfg)`` launches once)."""
+    cfg = TUNED.get((kind, key))
+    if cfg is not None:
+        return cfg
+    cands = candidates(kind, block_d, default)
+    if len(cands) > 1:
+        for c in cands:  # compile and warm up
+            run(c)
+        times: dict[LaunchConfig, list[float]] = {c: [] for c in cands}
+        for _ in range(_ROUNDS):
+            for c in cands:
+                times[c].append(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median"))
+        med = {c: statistics.median(t) for c, t in times.items()}
+        best = min(cands, key=med.__getitem__)
+        cfg = best if med[best] < (1.0 - _MIN_GAIN) * med[default] else default
+    else:
+        cfg = default
+    TUNED[(kind, key)] = cfg
+    return cfg

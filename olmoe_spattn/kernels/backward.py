@@ -1,0 +1,219 @@
+"""Backward band kernels: deterministic, no atomics.
+
+* :func:`dq_kernel`: one program per (query tile, head), the forward's loop over the key
+  blocks the tile can see, recomputing ``P`` from the saved log-sum-exp. It also computes
+  ``delta = rowsum(dO * O)`` (minus the log-sum-exp's gradient, if any) for its rows and
+  stores it (fp32 ``[B, H, Tq]``) for the next pass.
+* :func:`dkdv_kernel` (launched after it): one program per (key tile, kv head); for each query head of its GQA
+  group it loops over the query blocks that can see the tile (the mirror image of the
+  forward's ranges). Every output element is written by exactly one program.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    key_block_ranges,
+    load_intervals,
+    pair_mask,
+    pair_mask_t,
+    query_block_ranges,
+    tile_is_full,
+)
+
+
+@triton.jit
+def _seq_info(z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        b = z * 0
+        seq_start = tl.load(CuSeq + z)
+        tq = tl.load(CuSeq + z + 1) - seq_start
+        tk = tq
+        q_off = seq_start * 0
+        tab = Table + z * table_doc_stride
+    else:
+        b = z
+        seq_start = z * 0
+        tq = tq_arg + z * 0
+        tk = tk_arg + z * 0
+        q_off = q_off_arg + z * 0
+        tab = Table
+    return b, seq_start, tq, tk, q_off, tab
+
+
+@triton.jit
+def dq_kernel(
+    Q, K, V, Out, DO, DQ, Lse, DLse, Delta, Table, CuSeq,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    table_doc_stride,
+    tq_arg, tk_arg, q_off_arg,
+    group,
+    sm_scale,
+    autotune_key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    z = tl.program_id(2)
+    b, seq_start, tq, tk, q_off, tab = _seq_info(
+        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
+    )
+    if m * BLOCK_M >= tq:
+        return
+    h_kv = h // group
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < tq
+    d_ok = offs_d < HEAD_DIM
+    i_pos = offs_m + q_off
+    i0 = m * BLOCK_M + q_off
+    i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+
+    rows = (seq_start + offs_m).to(tl.int64)[:, None]
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=qd_mask, other=0.0)
+    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start + offs_m
+    # delta = rowsum(dO * O) (minus d lse: d lse_i / d s_ij = P_ij), kept for the dK/dV pass
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
+        delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
+    tl.store(Delta + l_off, delta, mask=row_ok)
+    lse = tl.load(Lse + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+    lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
+    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in range(0, n0 + n1):
+        kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
+        j0 = kb * BLOCK_N
+        cols = j0 + offs_n
+        kv_mask = (cols < tk)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            p = tl.where(pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b.to(tl.int64) * stride_dqb + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+@triton.jit
+def dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, Table, CuSeq,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh,
+    table_doc_stride,
+    tq_arg, tk_arg, q_off_arg,
+    group,
+    sm_scale,
+    autotune_key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    z = tl.program_id(2)
+    b, seq_start, tq, tk, q_off, tab = _seq_info(
+        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
+    )
+    if n * BLOCK_N >= tk:
+        return
+
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < tk
+    d_ok = offs_d < HEAD_DIM
+    j0 = n * BLOCK_N
+    j1 = tl.minimum(j0 + BLOCK_N - 1, tk - 1)
+
+    cols = (seq_start + offs_n).to(tl.int64)[:, None]
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + cols * stride_kt + h_kv * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + cols * stride_vt + h_kv * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group):
+        h = h_kv * group + g
+        lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
+        c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
+        q_base = Q + b.to(tl.int64) * stride_qb + seq_start.to(tl.int64) * stride_qt + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + seq_start.to(tl.int64) * stride_dot + h * stride_doh
+        l_base = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
+        for t in range(0, n0 + n1):
+            mb = tl.where(t < n0, c0 + t, c1 + (t - n0))
+            offs_m = mb * BLOCK_M + offs_m0
+            row_ok = offs_m < tq
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            rows = offs_m.to(tl.int64)[:, None]
+            q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
+            lse = tl.load(Lse + l_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(Delta + l_base + offs_m, mask=row_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+            i0 = mb * BLOCK_M + q_off
+            i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+            if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+                maskT = pair_mask_t(offs_n, offs_m + q_off, tk, lo0, hi0, lo1, hi1)
+                pT = tl.where(maskT, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(
+        DK + b.to(tl.int64) * stride_dkb + cols * stride_dkt + h_kv * stride_dkh + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b.to(tl.int64) * stride_dvb + cols * stride_dvt + h_kv * stride_dvh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )

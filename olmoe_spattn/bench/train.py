@@ -300,7 +300,8 @@ def _summary_line(s: Setting) -> str:
 
 def _argv_echo(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("preset", "model", "layers", "seq_len", "batch", "patterns", "backend", "moe", "steps", "rounds"):
+    keys = ("model", "layers", "seq_len", "batch") if args.preset is None else ("preset",)
+    for key in (*keys, "patterns", "backend", "moe", "steps", "rounds", "warmup"):
         value = getattr(args, key, None)
         if value is not None:
             out.append(f"--{key.replace('_', '-')} {value}")

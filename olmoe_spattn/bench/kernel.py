@@ -560,6 +560,15 @@ def _row_line(row: Row) -> str:
 
 
 # ---------------------------------------------------------------- outputs
+def _short_note(row: dict) -> str:
+    """The row's note for tables: out-of-memory errors shortened to the size that did not fit."""
+    note = row["note"]
+    if "OutOfMemoryError" in note:
+        m = re.search(r"Tried to allocate ([0-9.]+ [KMGT]iB)", note)
+        note = f"out of memory (tried to allocate {m.group(1)})" if m else "out of memory"
+    return note if row["status"] == "ok" else f"{row['status']}: {note}"
+
+
 def summary_markdown(data: dict) -> list[str]:
     """Compact table: fwd+bwd ms of each band backend per (shape, pattern), cuDNN dense, ratios."""
     res = data["results"]
@@ -579,6 +588,8 @@ def summary_markdown(data: dict) -> list[str]:
 
     def ms(r: dict | None) -> str:
         if r is None or (r["fwdbwd_ms"] is None and r["fwd_ms"] is None):
+            if r is not None and "OutOfMemoryError" in r["note"]:
+                return "OOM"
             return "n/a" if r is None or r["status"] == "n/a" else r["status"]
         return f"{_fmt(r['fwdbwd_ms'])} ({_fmt(r['fwd_ms'])})"
 
@@ -638,7 +649,7 @@ def to_markdown(data: dict) -> str:
             if r["backend"] != DENSE_REF else "1.00"
         )
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} ({r['peak_over_io']:.2f})"
-        note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
+        note = _short_note(r)
         lines.append(
             f"| {','.join(map(str, r['shape']))} | {r['pattern']} | {r['backend']} | {_fmt(r['fwd_ms'])} "
             f"| {_fmt(r['fwdbwd_ms'])} | {vs_flex} | {vs_cudnn} "

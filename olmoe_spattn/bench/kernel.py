@@ -626,7 +626,8 @@ def to_markdown(data: dict) -> str:
         f"`{data['command']}`  ",
         f"torch {data['torch']}, triton {data.get('triton') or '-'}, flash-attn-4 {data.get('fa4') or '-'}, "
         f"dtype {data['settings']['dtype']}, medians of {data['settings']['rounds']} interleaved rounds x "
-        f"{data['settings']['iters']} calls; partition length N = {data['settings']['partition_len']}.",
+        f">= {data['settings']['iters']} calls (>= {data['settings'].get('min_round_ms', 0):g} ms per round); "
+        f"partition length N = {data['settings']['partition_len']}.",
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
         f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = max allocated during fwd+bwd, "
         "inputs included; io = q,k,v,out,dout,dq,dk,dv; max err = largest |output - reference| and "

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .bands import MAX_INTERVALS, BandSpec
+from .flex_blocks import band_block_mask_from_intervals
 from .validation import check_qkv
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,10 +153,8 @@ def _cached_block_mask(
     n_local_heads: int,
     cu_seqlens: tuple[int, ...] | None,
     device: str,
-    block_size: int,
+    block_size: int | tuple[int, int],
 ):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     mod = band_mask_mod(
         spec,
         kv_len=kv_len,
@@ -165,7 +164,10 @@ def _cached_block_mask(
         cu_seqlens=cu_seqlens,
         device=device,
     )
-    return create_block_mask(mod, None, n_local_heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
+    return band_block_mask_from_intervals(
+        spec, q_len, kv_len, q_offset=q_offset, head_offset=head_offset, n_local_heads=n_local_heads,
+        cu_seqlens=cu_seqlens, mask_mod=mod, device=device, block_size=block_size,
+    )
 
 
 def band_block_mask(
@@ -178,12 +180,14 @@ def band_block_mask(
     n_local_heads: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
-    block_size: int = 128,
+    block_size: int | tuple[int, int] = 128,
 ):
     """The (cached) FlexAttention ``BlockMask`` of ``spec`` for one shape.
 
-    Cached by value on every argument, so repeated calls with the same shape (every
-    training step) reuse one mask. ``q_offset`` defaults to ``kv_len - q_len``.
+    Built from the band's distance intervals (``flex_blocks``): no ``T x T`` tensor, so
+    it scales to long sequences. Cached by value on every argument, so repeated calls
+    with the same shape (every training step) reuse one mask. ``q_offset`` defaults to
+    ``kv_len - q_len``.
     """
     offset = kv_len - q_len if q_offset is None else q_offset
     n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads

@@ -1,0 +1,72 @@
+"""GPU: the single-node ``torchrun`` launcher end to end with NCCL on the one GPU.
+
+Runs ``launch/torchrun_single_node.sh`` exactly as a user would on a GPU node
+(``NPROC_PER_NODE=1``), with the band kernel, then re-launches it with more steps and
+checks that it resumes from the saved checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+pytest.importorskip("olmo_core")
+if not torch.cuda.is_available():  # pragma: no cover - conftest skips gpu tests anyway
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+SINGLE = ROOT / "launch" / "torchrun_single_node.sh"
+
+
+def _launch(tmp_path: Path, steps: int) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="1", NCCL_DEBUG="INFO")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    args = [
+        "tiny",
+        "--set", f"train.max_steps={steps}",
+        "--set", "train.log_interval=1",
+        "--set", "train.save_interval=4",
+        "--set", "train.device=cuda",
+        "--set", "attention_backend=triton",
+        "--set", f"train.save_folder={tmp_path / 'run'}",
+        "--set", f"data.paths=[{tmp_path / 'tokens.npy'}]",
+        "--set", "data.synthetic_tokens=60000",
+    ]
+    return subprocess.run(["bash", str(SINGLE), *args], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=tmp_path)
+
+
+def _losses(save: Path) -> dict[int, float]:
+    out = {}
+    for line in (save / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/CE loss" in rec:
+            out[int(rec["step"])] = rec["train/CE loss"]
+    return out
+
+
+def test_single_node_launcher_nccl_trains_and_resumes(tmp_path):
+    first = _launch(tmp_path, steps=8)
+    text = first.stdout + first.stderr
+    assert first.returncode == 0, text[-4000:]
+    assert "--nproc-per-node 1" in text.splitlines()[0]
+    assert "NCCL INFO" in text, "the CUDA run did not initialise NCCL"
+    assert "finished: step 8, loss" in text
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1]
+
+    second = _launch(tmp_path, steps=12)  # same save folder: resumes from step 8
+    text2 = second.stdout + second.stderr
+    assert second.returncode == 0, text2[-4000:]
+    assert "finished: step 12, loss" in text2
+    resumed = _losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, 13))
+    assert all(resumed[s] == losses[s] for s in range(1, 9))  # the first 8 steps were not rerun

@@ -25,6 +25,7 @@ from .validation import check_qkv
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _BLOCK_MASK_CACHE_SIZE = 64
 _RECOMPILE_LIMIT = 64
+_FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernels reject smaller heads
 
 
 def _doc_layout(
@@ -216,10 +217,19 @@ def _compiled_flex_attention():
 def run_flex(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, scale: float | None
 ) -> torch.Tensor:
-    """FlexAttention on ``[B, T, H, D]`` tensors (GQA allowed): eager on CPU, compiled on CUDA."""
+    """FlexAttention on ``[B, T, H, D]`` tensors (GQA allowed): eager on CPU, compiled on CUDA.
+
+    FlexAttention's CUDA kernels need ``D >= 16``: smaller heads are zero-padded to 16
+    (scores and the first ``D`` output channels are unchanged) and sliced back.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     gqa = q.shape[2] != k.shape[2]
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if q.device.type == "cuda" and head_dim < _FLEX_MIN_HEAD_DIM:
+        pad = (0, _FLEX_MIN_HEAD_DIM - head_dim)
+        q, k, v = (torch.nn.functional.pad(x, pad) for x in (q, k, v))  # [B, T, H, 16]
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, D]
     if q.device.type == "cuda":
         out = _compiled_flex_attention()(*args, block_mask=block_mask, scale=scale, enable_gqa=gqa)
@@ -227,7 +237,7 @@ def run_flex(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out = flex_attention(*args, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)  # [B, Tq, H, D]
+    return out.transpose(1, 2)[..., :head_dim]  # [B, Tq, H, D]
 
 
 def flex_band_attention(

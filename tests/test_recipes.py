@@ -148,3 +148,15 @@ def test_toggle_command_writes_a_valid_recipe(tmp_path: Path):
     assert recipe.train.save_folder == "runs/x"
     assert main(["toggle", str(out), "--attention", "dense"]) == 0  # in place
     assert load_recipe(out).attention == "dense"
+
+
+def test_expert_parallelism_requires_hsdp_with_a_clear_error():
+    import torch
+
+    from olmoe_spattn.olmo.train import _check_parallelism
+
+    recipe = load_recipe("olmoe-0.25b-1.75b", ["train.expert_parallel_degree=2"])
+    with pytest.raises(ValueError, match=r"expert_parallel_degree=2 needs train.data_parallel=hsdp.*'fsdp'"):
+        _check_parallelism(recipe, torch.device("cuda"))
+    hsdp = load_recipe("olmoe-0.25b-1.75b", ["train.expert_parallel_degree=2", "train.data_parallel=hsdp"])
+    _check_parallelism(hsdp, torch.device("cuda"))  # accepted (no process group: world size 1)

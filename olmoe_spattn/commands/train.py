@@ -14,7 +14,10 @@ step's metrics are appended to <save_folder>/metrics.jsonl.
 
 from __future__ import annotations
 
+import statistics
+
 import argparse
+import statistics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +52,20 @@ def run(args: argparse.Namespace) -> int:
     metrics = train(recipe)
     if metrics:
         loss = metrics.get("train/CE loss")
-        tps = metrics.get("throughput/device/TPS")
+        tps = _median_tokens_per_second(recipe.train.save_folder)
         parts = [f"step {metrics.get('step')}"]
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         if tps is not None:
-            parts.append(f"{tps:,.0f} tokens/s/device")
+            parts.append(f"{tps:,.0f} tokens/s/device (median of logged steps)")
         print("finished: " + ", ".join(parts) + f"; checkpoints in {recipe.train.save_folder}")
     return 0
+
+
+def _median_tokens_per_second(save_folder: str) -> float | None:
+    """Median per-step tokens/s/device: robust to the slow first step and to steps that
+    also saved a checkpoint (the last step always does)."""
+    from ..olmo.train import read_metrics
+
+    values = [m["throughput/device/TPS"] for m in read_metrics(save_folder).values() if "throughput/device/TPS" in m]
+    return statistics.median(values) if values else None

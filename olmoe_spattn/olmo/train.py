@@ -290,6 +290,12 @@ def _check_parallelism(recipe: Recipe, device: torch.device) -> None:
             "expert/tensor parallelism needs GPUs (OLMo-core's MoE kernels); on a CPU use "
             "train.expert_parallel_degree=1 and train.tensor_parallel_degree=1"
         )
+    if t.expert_parallel_degree > 1 and t.data_parallel != "hsdp":
+        raise ValueError(
+            f"train.expert_parallel_degree={t.expert_parallel_degree} needs "
+            f"train.data_parallel=hsdp (OLMo-core shards experts over HSDP's replica mesh), "
+            f"got train.data_parallel={t.data_parallel!r}"
+        )
     per_step = t.global_batch_size
     dp_world = world_size() // (t.tensor_parallel_degree * t.context_parallel_degree)
     if per_step % (t.rank_microbatch_size * max(dp_world, 1)):

@@ -14,8 +14,6 @@ step's metrics are appended to <save_folder>/metrics.jsonl.
 
 from __future__ import annotations
 
-import statistics
-
 import argparse
 import statistics
 

@@ -73,3 +73,24 @@ check_dry_run_var() {
 print_usage() {
   awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
 }
+
+# parse_launcher_args SCRIPT ARGS...: handles the launcher options (--help, --dry-run, --)
+# before CONFIG; sets CONFIG (resolved path) and the array TRAIN_ARGS (everything after it).
+parse_launcher_args() {
+  local script="$1"
+  shift
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      -h|--help) print_usage "$script"; exit 0 ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      --) shift; break ;;
+      -*) die "unknown launcher option '$1' (launcher options: --dry-run, --help; train options go after CONFIG)" ;;
+      *) break ;;
+    esac
+  done
+  [[ $# -ge 1 ]] || { print_usage "$script" >&2; die "missing CONFIG"; }
+  check_dry_run_var
+  CONFIG="$(resolve_config "$1")"
+  shift
+  TRAIN_ARGS=("$@")
+}

@@ -29,21 +29,8 @@ set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-usage() { print_usage "${BASH_SOURCE[0]}"; }
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --) shift; break ;;
-    -*) die "unknown launcher option '$1' (launcher options: --dry-run, --help; train options go after CONFIG)" ;;
-    *) break ;;
-  esac
-done
-[[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
-check_dry_run_var
-config="$(resolve_config "$1")"
-shift
+parse_launcher_args "${BASH_SOURCE[0]}" "$@"
+set -- "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
 
 [[ -n "${NNODES:-}" ]] || die "NNODES is not set (the number of nodes, e.g. NNODES=2)"
 require_uint NNODES "$NNODES" 1
@@ -71,4 +58,4 @@ endpoint="$MASTER_ADDR:$master_port"
 run_cmd "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$node_rank" \
   --nproc-per-node "$nproc" --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$rdzv_id" \
   --rdzv-conf "join_timeout=$rdzv_timeout" \
-  -m olmoe_spattn.cli train "$config" "$@"
+  -m olmoe_spattn.cli train "$CONFIG" "$@"

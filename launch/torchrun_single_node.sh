@@ -21,21 +21,8 @@ set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-usage() { print_usage "${BASH_SOURCE[0]}"; }
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --) shift; break ;;
-    -*) die "unknown launcher option '$1' (launcher options: --dry-run, --help; train options go after CONFIG)" ;;
-    *) break ;;
-  esac
-done
-[[ $# -ge 1 ]] || { usage >&2; die "missing CONFIG"; }
-check_dry_run_var
-config="$(resolve_config "$1")"
-shift
+parse_launcher_args "${BASH_SOURCE[0]}" "$@"
+set -- "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
 
 nproc="${NPROC_PER_NODE:-$(default_nproc)}"
 require_uint NPROC_PER_NODE "$nproc" 1
@@ -47,4 +34,4 @@ if [[ -n "${MASTER_PORT:-}" ]]; then
 fi
 
 run_cmd "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nnodes 1 --nproc-per-node "$nproc" \
-  -m olmoe_spattn.cli train "$config" "$@"
+  -m olmoe_spattn.cli train "$CONFIG" "$@"

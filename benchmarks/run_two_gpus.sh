@@ -22,7 +22,8 @@ NPROC_PER_NODE=2 run fsdp_band 120 bash launch/torchrun_single_node.sh $cfg "${c
 NPROC_PER_NODE=2 run fsdp_dense 100 bash launch/torchrun_single_node.sh configs/olmoe-0.25b-1.75b-dense.yaml \
   "${common[@]}" --set train.max_steps="$steps" --set train.save_folder=/tmp/two/dense
 NPROC_PER_NODE=2 run ep_band 80 bash launch/torchrun_single_node.sh $cfg "${common[@]}" \
-  --set train.max_steps=40 --set train.expert_parallel_degree=2 --set train.save_folder=/tmp/two/ep
+  --set train.max_steps=40 --set train.expert_parallel_degree=2 --set train.data_parallel=hsdp \
+  --set train.save_folder=/tmp/two/ep
 port=$((29500 + RANDOM % 1000))
 for r in 0 1; do
   CUDA_VISIBLE_DEVICES=$r NNODES=2 NODE_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port NPROC_PER_NODE=1 \

@@ -19,24 +19,13 @@ from collections.abc import Callable
 import torch
 
 from .bands import MAX_INTERVALS, BandSpec
-from .flex_blocks import band_block_mask_from_intervals
+from .flex_blocks import band_block_mask_from_intervals, document_bounds, document_interval_tables
 from .validation import check_qkv
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _BLOCK_MASK_CACHE_SIZE = 64
 _RECOMPILE_LIMIT = 64
 _FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernels reject smaller heads
-
-
-def _doc_layout(
-    cu_seqlens: tuple[int, ...] | None, total: int
-) -> tuple[list[int], list[int]]:
-    """(doc start per doc, doc length per doc) for a packed sequence, or one doc."""
-    if cu_seqlens is None:
-        return [0], [total]
-    starts = list(cu_seqlens[:-1])
-    lengths = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
-    return starts, lengths
 
 
 def band_mask_mod(
@@ -56,18 +45,12 @@ def band_mask_mod(
     inside it; a dynamic partition length then resolves per document.
     """
     n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
-    starts, lengths = _doc_layout(cu_seqlens, kv_len)
-    table = torch.stack(
-        [
-            spec.interval_tensor(
-                length if spec.is_dynamic else None, head_offset=head_offset, n_local_heads=n_local
-            )
-            for length in lengths
-        ]
-    ).to(device)  # [n_docs, H_local, MAX_INTERVALS, 2]
+    bounds = document_bounds(cu_seqlens, kv_len)
+    table = document_interval_tables(spec, bounds, head_offset=head_offset, n_local_heads=n_local)
+    table = table.to(device)  # [n_docs, H_local, MAX_INTERVALS, 2]
     doc_of = torch.zeros(kv_len, dtype=torch.int64)
-    for i, (s, n) in enumerate(zip(starts, lengths)):
-        doc_of[s : s + n] = i
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        doc_of[a:b] = i
     doc_of = doc_of.to(device)  # [Tk]
 
     def mask_mod(b, h, q_idx, kv_idx):

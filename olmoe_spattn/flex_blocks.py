@@ -24,6 +24,29 @@ import torch
 from .bands import BandSpec
 
 
+def document_bounds(cu_seqlens: tuple[int, ...] | None, total: int) -> list[int]:
+    """Boundaries ``[0, ..., total]`` of the packed documents (one document without ``cu_seqlens``)."""
+    return [0, total] if cu_seqlens is None else list(cu_seqlens)
+
+
+def document_interval_tables(
+    spec: BandSpec, bounds: list[int], *, head_offset: int, n_local_heads: int
+) -> torch.Tensor:
+    """Per-document interval tables, int32 ``[n_docs, H_local, MAX_INTERVALS, 2]``.
+
+    A dynamic partition length resolves to each document's length; a fixed one gives the
+    same table for every document.
+    """
+    return torch.stack(
+        [
+            spec.interval_tensor(
+                b - a if spec.is_dynamic else None, head_offset=head_offset, n_local_heads=n_local_heads
+            )
+            for a, b in zip(bounds, bounds[1:])
+        ]
+    )
+
+
 def _block_bounds(length: int, block: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(first index, last index, has padding) per block of ``length`` positions, shifted."""
     n_blocks = -(-length // block)
@@ -54,16 +77,9 @@ def band_block_classes(
     d_min = (i0[:, None] - j1[None, :])[None, :, :, None]  # [1, nQ, nK, 1]
     d_max = (i1[:, None] - j0[None, :])[None, :, :, None]  # [1, nQ, nK, 1]
 
-    bounds = [0, kv_len] if cu_seqlens is None else list(cu_seqlens)
-    doc_lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    tables = torch.stack(
-        [
-            spec.interval_tensor(
-                n if spec.is_dynamic else None, head_offset=head_offset, n_local_heads=n_local_heads
-            ).to(torch.int64)
-            for n in doc_lengths
-        ]
-    )  # [n_docs, H, S, 2]
+    bounds = document_bounds(cu_seqlens, kv_len)
+    tables = document_interval_tables(spec, bounds, head_offset=head_offset, n_local_heads=n_local_heads)
+    tables = tables.to(torch.int64)  # [n_docs, H, S, 2]
     starts = torch.tensor(bounds[1:], dtype=torch.int64)
     doc_q0 = torch.bucketize(i0, starts, right=True)  # [nQ] document of the first row
     doc_q1 = torch.bucketize(i1, starts, right=True)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -19,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from olmoe_spattn.olmo.train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -58,12 +59,7 @@ def _train_args(data: Path, save: Path) -> list[str]:
 
 
 def _metrics(save: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (save / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/CE loss" in rec:
-            out[int(rec["step"])] = rec["train/CE loss"]
-    return out
+    return {step: m["train/CE loss"] for step, m in read_metrics(save).items() if "train/CE loss" in m}
 
 
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\t\S+:(\d+)\t(\S+)\t", re.M)

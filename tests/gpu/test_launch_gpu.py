@@ -7,7 +7,6 @@ checks that it resumes from the saved checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -22,6 +21,8 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("olmo_core")
 if not torch.cuda.is_available():  # pragma: no cover - conftest skips gpu tests anyway
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from olmoe_spattn.olmo.train import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SINGLE = ROOT / "launch" / "torchrun_single_node.sh"
@@ -46,12 +47,7 @@ def _launch(tmp_path: Path, steps: int) -> subprocess.CompletedProcess[str]:
 
 
 def _losses(save: Path) -> dict[int, float]:
-    out = {}
-    for line in (save / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/CE loss" in rec:
-            out[int(rec["step"])] = rec["train/CE loss"]
-    return out
+    return {step: m["train/CE loss"] for step, m in read_metrics(save).items() if "train/CE loss" in m}
 
 
 def test_single_node_launcher_nccl_trains_and_resumes(tmp_path):

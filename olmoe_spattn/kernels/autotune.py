@@ -55,7 +55,7 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 
 # --------------------------------------------------------------------------- fixed choices
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
-    """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | decode.
+    """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode.
 
     Picked from per-kernel sweeps on an H100 (bf16; benchmarks/scratch_bench.py --sweep).
     """
@@ -66,18 +66,23 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     if kind == "decode":
         return LaunchConfig(16, 64 if big_d else 128, 4, 2 if big_d else 3)
     if big_d:  # D up to 256: small tiles, shallow pipelines (shared memory)
-        return LaunchConfig(32, 64, 4, 2) if kind == "dkdv" else LaunchConfig(64, 32, 4, 2)
+        return LaunchConfig(32, 64, 4, 2) if kind in ("dkdv", "dkdvdq") else LaunchConfig(64, 32, 4, 2)
     if kind == "fwd":
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)
         return LaunchConfig(64, 64, 4, 2)
     if kind == "dq":
         return LaunchConfig(64, 64, 4, 2)
-    if kind == "dkdv":  # block_m = query step, block_n = keys per program
+    if kind in ("dkdv", "dkdvdq"):  # block_m = query step, block_n = keys per program
         if bucket == 2 and block_d > 64:
             return LaunchConfig(64, 128, 8, 2)
         return LaunchConfig(32, 64, 4, 3)
     raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def prefer_one_pass(block_d: int, extent: int) -> bool:
+    """The backward schedule used when neither determinism nor ``OLMOE_SPATTN_BWD`` decides."""
+    return False
 
 
 # --------------------------------------------------------------------------- tuned spaces
@@ -85,12 +90,13 @@ _SPACE = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
     "dkdv": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+    "dkdvdq": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
 }
 
 
 def _smem_bytes(kind: str, cfg: LaunchConfig, block_d: int) -> int:
     elt = 2
-    if kind == "dkdv":  # resident K, V tile; streamed Q, dO
+    if kind in ("dkdv", "dkdvdq"):  # resident K, V tile; streamed Q, dO
         return 2 * cfg.block_n * block_d * elt + cfg.num_stages * 2 * cfg.block_m * block_d * elt
     # resident Q (and dO); streamed K, V
     return 2 * cfg.block_m * block_d * elt + cfg.num_stages * 2 * cfg.block_n * block_d * elt

@@ -1,5 +1,9 @@
-"""Backward band kernels: deterministic, no atomics.
+"""Backward band kernels.
 
+Two schedules compute the same gradients:
+
+* **Two-pass, deterministic** (no atomics; always used under
+  ``torch.use_deterministic_algorithms(True)``):
 * :func:`dq_kernel`: one program per (query tile, head), the forward's loop over the key
   blocks the tile can see, recomputing ``P`` from the saved log-sum-exp. It also computes
   ``delta = rowsum(dO * O)`` (minus the log-sum-exp's gradient, if any) for its rows and
@@ -7,6 +11,11 @@
 * :func:`dkdv_kernel` (launched after it): one program per (key tile, kv head); for each query head of its GQA
   group it loops over the query blocks that can see the tile (the mirror image of the
   forward's ranges). Every output element is written by exactly one program.
+
+* **One-pass** (``ATOMIC_DQ``): :func:`delta_kernel` first, then :func:`dkdv_kernel` alone,
+  which also multiplies each ``dS`` tile by its keys and adds the result into an fp32 dQ
+  buffer with atomic adds: the two GEMMs that recompute ``S`` and ``dP`` for dQ disappear,
+  at the price of an fp32 ``[B, Tq, H, D]`` buffer and run-to-run rounding differences.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import triton
 import triton.language as tl
 
 from .common import (
+    attended_columns,
+    attended_rows,
     key_block_ranges,
     load_intervals,
     pair_mask,
@@ -41,6 +52,41 @@ def _seq_info(z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_V
         q_off = q_off_arg + z * 0
         tab = Table
     return b, seq_start, tq, tk, q_off, tab
+
+
+@triton.jit
+def delta_kernel(
+    Out, DO, DLse, Delta, CuSeq,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    tq_arg,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """``delta = rowsum(dO * O) - dlse`` (fp32 ``[B, H, Tq]``) ahead of the one-pass backward."""
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    z = tl.program_id(2)
+    b, seq_start, tq, _tk, _q_off, _tab = _seq_info(z, CuSeq, CuSeq, 0, tq_arg, tq_arg, 0, IS_VARLEN)
+    if m * BLOCK_M >= tq:
+        return
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < tq
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = (seq_start + offs_m).to(tl.int64)[:, None]
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start + offs_m
+    if HAS_DLSE:
+        dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
+        delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
+    tl.store(Delta + l_off, delta, mask=row_ok)
 
 
 @triton.jit
@@ -115,10 +161,13 @@ def dq_kernel(
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-            p = tl.where(pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            allowed = pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1)
+            ds = tl.where(allowed, ds, 0.0)
+            # keys no row of the tile attends never reach dQ (0 * NaN would)
+            k = tl.where(attended_columns(allowed)[:, None], k, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
@@ -131,13 +180,14 @@ def dq_kernel(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, Table, CuSeq,
+    Q, K, V, DO, DK, DV, DQAcc, Lse, Delta, Table, CuSeq,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
+    stride_qacc_b, stride_qacc_t, stride_qacc_h,
     stride_lb, stride_lh,
     table_doc_stride,
     tq_arg, tk_arg, q_off_arg,
@@ -150,6 +200,7 @@ def dkdv_kernel(
     BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     n = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -198,13 +249,24 @@ def dkdv_kernel(
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             i0 = mb * BLOCK_M + q_off
             i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
-            if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+            maskT = (offs_n[:, None] >= 0) & (offs_m0[None, :] >= 0)  # all True; edge tiles replace it
+            if not full:
                 maskT = pair_mask_t(offs_n, offs_m + q_off, tk, lo0, hi0, lo1, hi1)
                 pT = tl.where(maskT, pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             dsT = pT * (dpT - delta[None, :])
+            k_dq = k
+            if not full:
+                dsT = tl.where(maskT, dsT, 0.0)  # a NaN value never reaches keys that rows skip
+                if ATOMIC_DQ:
+                    k_dq = tl.where(attended_rows(maskT)[:, None], k, 0.0)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:  # this key tile's share of dQ, summed over key tiles in fp32
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k_dq, input_precision=DOT_PRECISION) * sm_scale
+                dq_ptrs = DQAcc + b.to(tl.int64) * stride_qacc_b + (seq_start + rows) * stride_qacc_t
+                tl.atomic_add(dq_ptrs + h * stride_qacc_h + offs_d[None, :], dq, mask=qd_mask, sem="relaxed")
 
     dk = dk * sm_scale
     tl.store(

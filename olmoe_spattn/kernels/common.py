@@ -155,6 +155,18 @@ def pair_mask(i_pos, j_pos, tk, lo0, hi0, lo1, hi1):
 
 
 @triton.jit
+def attended_columns(allowed):
+    """``[N]`` bool: columns of an ``[M, N]`` pair mask that at least one row allows."""
+    return tl.max(allowed.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def attended_rows(allowed):
+    """``[M]`` bool: rows of an ``[M, N]`` pair mask that allow at least one column."""
+    return tl.max(allowed.to(tl.int32), 1) > 0
+
+
+@triton.jit
 def pair_mask_t(j_pos, i_pos, tk, lo0, hi0, lo1, hi1):
     """Transposed :func:`pair_mask`: ``[len(j_pos), len(i_pos)]``."""
     j_neg = -j_pos  # d = i - j = (-j)[:, None] - (-i)[None, :]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import key_block_ranges, load_intervals, pair_mask, tile_is_full
+from .common import attended_columns, key_block_ranges, load_intervals, pair_mask, tile_is_full
 
 
 @triton.jit
@@ -102,14 +102,17 @@ def fwd_kernel(
         kv_mask = (cols < tk)[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-            qk = tl.where(pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1), qk, float("-inf"))
+            allowed = pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1)
+            qk = tl.where(allowed, qk, float("-inf"))
+            # values no row of the tile attends never reach the output (0 * NaN would)
+            v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
         p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new

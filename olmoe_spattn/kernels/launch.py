@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
-from .autotune import autotune_enabled, fixed_config, pick, tuning_key
-from .backward import dkdv_kernel, dq_kernel
+from .autotune import autotune_enabled, fixed_config, interpreting, pick, prefer_one_pass, tuning_key
+from .backward import delta_kernel, dkdv_kernel, dq_kernel
 from .common import Problem
 from .decode import run_decode, use_decode_path
 from .forward import fwd_kernel
@@ -92,15 +94,32 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
     )
 
 
-def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
+def run_delta(do, out, lse, dlse, delta, p: Problem) -> None:
+    """``delta = rowsum(dO * O) - dlse`` into ``delta [B, H, Tq]`` (one-pass backward)."""
+    block_m = 16 if interpreting() else 64
+    delta_kernel[(triton.cdiv(p.max_tq, block_m), p.n_heads, p.z)](
+        out, do, lse if dlse is None else dlse, delta, p.cu,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        p.tq,
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_M=block_m, IS_VARLEN=p.is_varlen,
+        HAS_DLSE=dlse is not None, num_warps=4,
+    )
+
+
+def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor | None = None) -> None:
+    """dK and dV; with ``dq_acc`` (fp32, zeroed, shaped like ``q``) also dQ by atomic adds."""
+    acc = dk if dq_acc is None else dq_acc  # any tensor: unused without ATOMIC_DQ
     args = [
-        q, k, v, do, dk, dv, lse, delta, p.table, p.cu,
+        q, k, v, do, dk, dv, acc, lse, delta, p.table, p.cu,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
+        acc.stride(0), acc.stride(1), acc.stride(2),
         lse.stride(0), lse.stride(1),
         p.table_doc_stride,
         p.tq, p.tk, p.q_offset,
@@ -109,8 +128,31 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     _launch(
-        "dkdv", dkdv_kernel, lambda bm, bn: (triton.cdiv(p.max_tk, bn), p.n_kv_heads, p.z), p, args, **_bwd_const(p)
+        "dkdv" if dq_acc is None else "dkdvdq", dkdv_kernel,
+        lambda bm, bn: (triton.cdiv(p.max_tk, bn), p.n_kv_heads, p.z), p, args,
+        ATOMIC_DQ=dq_acc is not None, **_bwd_const(p),
     )
+
+
+#: ``OLMOE_SPATTN_BWD``: force a backward schedule (``one_pass`` or ``two_pass``).
+BWD_SCHEDULES = ("one_pass", "two_pass")
+
+
+def use_one_pass(p: Problem, deterministic: bool) -> bool:
+    """Whether the backward takes the one-pass (atomic dQ) schedule for this call.
+
+    Never when ``deterministic`` or under ``torch.use_deterministic_algorithms(True)``;
+    ``OLMOE_SPATTN_BWD`` forces a schedule; otherwise the measured rule of
+    :func:`~.autotune.prefer_one_pass` decides.
+    """
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return False
+    forced = os.environ.get("OLMOE_SPATTN_BWD", "")
+    if forced:
+        if forced not in BWD_SCHEDULES:
+            raise ValueError(f"OLMOE_SPATTN_BWD={forced!r}; allowed: {', '.join(BWD_SCHEDULES)}")
+        return forced == "one_pass"
+    return prefer_one_pass(p.block_d, p.extent)
 
 
 def run_backward(
@@ -122,16 +164,25 @@ def run_backward(
     lse: torch.Tensor,
     p: Problem,
     dlse: torch.Tensor | None = None,
+    deterministic: bool = False,
 ):
-    """``(dq, dk, dv)``; ``dlse`` (gradient of the returned log-sum-exp) is optional."""
-    dq = torch.empty_like(q)
+    """``(dq, dk, dv)``; ``dlse`` (gradient of the returned log-sum-exp) is optional.
+
+    ``deterministic`` keeps the two-pass schedule (bit-identical gradients run to run).
+    """
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if p.tq == 0 or p.tk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)  # [B, H, Tq] fp32, written by the dQ pass
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)  # [B, H, Tq] fp32
     if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta
         dlse = dlse.to(torch.float32).contiguous()
+    if use_one_pass(p, deterministic):
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # [B, Tq, H, D]
+        run_delta(do, out, lse, dlse, delta, p)
+        run_dkdv(do, q, k, v, lse, delta, dk, dv, p, dq_acc=dq_acc)
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     run_dq(do, q, k, v, out, lse, dlse, delta, dq, p)
     run_dkdv(do, q, k, v, lse, delta, dk, dv, p)
     return dq, dk, dv

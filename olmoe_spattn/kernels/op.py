@@ -74,6 +74,7 @@ def band_attn(
     q_offset: int,
     max_seqlen: int,
     scale: float,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Band attention forward: ``(out [B, Tq, H, D], lse [B, H, Tq] fp32)``.
 
@@ -85,7 +86,8 @@ def band_attn(
 
 
 @band_attn.register_fake
-def _(q, k, v, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale):
+def _(q, k, v, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale,
+      deterministic=False):
     b, tq, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, tq), dtype=torch.float32)
 
@@ -107,24 +109,25 @@ def band_attn_backward(
     q_offset: int,
     max_seqlen: int,
     scale: float,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`band_attn`."""
     q, k, v, out, grad_out = (_contig(x) for x in (q, k, v, out, grad_out))
     p = _problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale)
-    return _launch.run_backward(grad_out, q, k, v, out, lse, p, dlse=grad_lse)
+    return _launch.run_backward(grad_out, q, k, v, out, lse, p, dlse=grad_lse, deterministic=deterministic)
 
 
 @band_attn_backward.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, pattern, n_heads, partition_len, head_offset,
-      q_offset, max_seqlen, scale):
+      q_offset, max_seqlen, scale, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale = inputs
+    q, k, v, cu_seqlens, *meta = inputs  # meta: pattern .. scale, deterministic
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.meta = (pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale)
+    ctx.meta = tuple(meta)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -132,7 +135,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = band_attn_backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 band_attn.register_autograd(_backward, setup_context=_setup_context)
@@ -143,9 +146,10 @@ class _EagerBandAttn(torch.autograd.Function):
     dispatch layers (tens of microseconds a call, which small shapes would feel)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, meta):
+    def forward(ctx, q, k, v, cu_seqlens, meta, deterministic):
         q, k, v = _contig(q), _contig(k), _contig(v)
         p = _problem(q, k, cu_seqlens, *meta)
+        ctx.deterministic = deterministic
         out, lse = _launch.run_forward(q, k, v, p)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem = p
@@ -157,8 +161,10 @@ class _EagerBandAttn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = _launch.run_backward(_contig(grad_out), q, k, v, out, lse, ctx.problem, dlse=grad_lse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _launch.run_backward(
+            _contig(grad_out), q, k, v, out, lse, ctx.problem, dlse=grad_lse, deterministic=ctx.deterministic
+        )
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -197,6 +203,7 @@ def triton_band_attention(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ):
     """Band attention through the Triton kernel (same contract as ``band_attention``).
 
@@ -210,6 +217,8 @@ def triton_band_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the per-row log-sum-exp ``[B, H, Tq]`` (fp32,
             ``-inf`` on empty rows); it is differentiable too.
+        deterministic: bit-identical gradients run to run (the two-pass backward without
+            atomics); also on whenever ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``out [B, Tq, H, D]``, or ``(out, lse)`` with ``return_lse``.
@@ -225,10 +234,11 @@ def triton_band_attention(
         -1 if max_seqlen is None else int(max_seqlen),
         float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale),
     )
+    deterministic = bool(deterministic)
     if torch.compiler.is_compiling() or _USE_OP:
-        out, lse = band_attn(q, k, v, cu_seqlens, *meta)
+        out, lse = band_attn(q, k, v, cu_seqlens, *meta, deterministic)
     else:
-        out, lse = _EagerBandAttn.apply(q, k, v, cu_seqlens, meta)
+        out, lse = _EagerBandAttn.apply(q, k, v, cu_seqlens, meta, deterministic)
     return (out, lse) if return_lse else out
 
 

@@ -1,0 +1,154 @@
+"""Tile classification of the Triton band kernel, checked against ``BandSpec.mask``.
+
+Every kernel walks, per query tile (forward, dQ) or key tile (dK/dV), the blocks of the
+other side that its head's intervals reach, split into *edge* tiles (element mask) and
+*full* tiles (no mask). A full tile that holds a forbidden pair would silently attend it,
+and a needed block that is never visited would silently drop it; both are checked here on
+small geometries through the Triton interpreter, for the block lists themselves rather
+than only through attention outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from olmoe_spattn import BandSpec
+from olmoe_spattn.kernels.common import (
+    edge_block,
+    full_key_blocks,
+    full_query_blocks,
+    key_block_ranges,
+    query_block_ranges,
+)
+
+EDGE, FULL = 1, 2
+
+
+@triton.jit
+def _key_tiles_kernel(Table, Out, tq, tk, q_off, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    lo0 = tl.load(Table + h * 4 + 0)
+    hi0 = tl.load(Table + h * 4 + 1)
+    lo1 = tl.load(Table + h * 4 + 2)
+    hi1 = tl.load(Table + h * 4 + 3)
+    i0 = m * BLOCK_M + q_off
+    i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    f0, nf0 = full_key_blocks(a0, n0, i0, i1, tk, lo0, hi0, BLOCK_N)
+    f1, nf1 = full_key_blocks(a1, n1, i0, i1, tk, lo1, hi1, BLOCK_N)
+    row = Out + (h * tl.num_programs(0) + m) * n_kb
+    for t in range(0, n0 + n1 - nf0 - nf1):
+        kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
+        tl.store(row + kb, tl.load(row + kb) + 1)
+    for t in range(0, nf0 + nf1):
+        kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
+        tl.store(row + kb, tl.load(row + kb) + 2)
+
+
+@triton.jit
+def _query_tiles_kernel(Table, Out, tq, tk, q_off, n_qb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    lo0 = tl.load(Table + h * 4 + 0)
+    hi0 = tl.load(Table + h * 4 + 1)
+    lo1 = tl.load(Table + h * 4 + 2)
+    hi1 = tl.load(Table + h * 4 + 3)
+    j0 = n * BLOCK_N
+    j1 = tl.minimum(j0 + BLOCK_N - 1, tk - 1)
+    c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
+    f0, nf0 = full_query_blocks(c0, n0, j0, tk, tq, q_off, lo0, hi0, BLOCK_M, BLOCK_N)
+    f1, nf1 = full_query_blocks(c1, n1, j0, tk, tq, q_off, lo1, hi1, BLOCK_M, BLOCK_N)
+    row = Out + (h * tl.num_programs(0) + n) * n_qb
+    for t in range(0, n0 + n1 - nf0 - nf1):
+        mb = edge_block(t, c0, n0, f0, nf0, c1, n1, f1, nf1)
+        tl.store(row + mb, tl.load(row + mb) + 1)
+    for t in range(0, nf0 + nf1):
+        mb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
+        tl.store(row + mb, tl.load(row + mb) + 2)
+
+
+GEOMETRIES = [
+    # pattern, heads, partition_len, tq, tk, block_m, block_n
+    ("exclusive_bands", 4, 96, 96, 96, 16, 16),
+    ("exclusive_bands", 2, 128, 128, 128, 16, 16),
+    ("spattention", 4, 96, 96, 96, 16, 16),
+    ("spattention", 3, 100, 77, 77, 16, 8),
+    ("gapped_bands", 5, 120, 120, 120, 8, 16),
+    ("sliding_window", 4, 64, 70, 70, 16, 16),
+    ("sliding_window", 2, 100, 90, 90, 8, 8),
+    ("gapped_bands", 2, 150, 150, 150, 16, 8),
+    ("dense", 2, 50, 53, 53, 16, 16),
+    ("exclusive_bands", 4, 200, 40, 120, 16, 16),  # queries at the end of a longer key sequence
+    ("spattention", 6, 48, 100, 100, 32, 16),  # partition_len < T: pairs at d >= N dropped
+]
+
+
+def _tiles(mask_hw: torch.Tensor, tq: int, tk: int, bm: int, bn: int):
+    """``(needed, all_allowed)`` per (head, query tile, key block) from the boolean mask."""
+    h = mask_hw.shape[0]
+    n_qt, n_kb = triton.cdiv(tq, bm), triton.cdiv(tk, bn)
+    needed = torch.zeros(h, n_qt, n_kb, dtype=torch.bool)
+    full = torch.zeros_like(needed)
+    for m in range(n_qt):
+        for kb in range(n_kb):
+            tile = mask_hw[:, m * bm:(m + 1) * bm, kb * bn:(kb + 1) * bn]  # [H, <=bm, <=bn]
+            needed[:, m, kb] = tile.flatten(1).any(1)
+            full[:, m, kb] = tile.flatten(1).all(1) & ((kb + 1) * bn <= tk)
+    return needed, full
+
+
+def test_geometries_have_full_tiles():
+    """Most geometries below must contain unmasked tiles, or the checks would not see them."""
+    with_full = 0
+    for pattern, h, n, tq, tk, bm, bn in GEOMETRIES:
+        spec = BandSpec(pattern, h, n)
+        _, full = _tiles(spec.mask(tk)[:, tk - tq:, :], tq, tk, bm, bn)
+        with_full += bool(full.any())
+    assert with_full >= len(GEOMETRIES) // 2
+
+
+def _interval_table(spec: BandSpec, tk: int) -> torch.Tensor:
+    return spec.interval_tensor(tk if spec.is_dynamic else None).reshape(spec.n_heads, 4).contiguous()
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g[0]}-H{g[1]}-N{g[2]}-{g[3]}x{g[4]}-{g[5]}x{g[6]}")
+def test_key_tiles_of_query_tiles(geom):
+    pattern, h, n, tq, tk, bm, bn = geom
+    spec = BandSpec(pattern, h, n)
+    q_off = tk - tq
+    mask = spec.mask(tk)[:, q_off:, :]  # [H, Tq, Tk]
+    needed, full = _tiles(mask, tq, tk, bm, bn)
+    out = torch.zeros(h, triton.cdiv(tq, bm), triton.cdiv(tk, bn), dtype=torch.int32)
+    _key_tiles_kernel[(triton.cdiv(tq, bm), h)](
+        _interval_table(spec, tk), out, tq, tk, q_off, out.shape[-1], BLOCK_M=bm, BLOCK_N=bn
+    )
+    assert out.max() <= FULL, "a key block was visited twice"
+    assert not (needed & (out == 0)).any(), "a key block holding allowed pairs was skipped"
+    assert not ((out == FULL) & ~full).any(), "a tile with a forbidden pair ran without the mask"
+    # every tile whose pairs are all allowed runs unmasked (intervals that touch are merged)
+    assert torch.equal(out == FULL, full)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g[0]}-H{g[1]}-N{g[2]}-{g[3]}x{g[4]}-{g[5]}x{g[6]}")
+def test_query_tiles_of_key_tiles(geom):
+    pattern, h, n, tq, tk, bm, bn = geom
+    spec = BandSpec(pattern, h, n)
+    q_off = tk - tq
+    mask_t = spec.mask(tk)[:, q_off:, :].transpose(1, 2)  # [H, Tk, Tq]
+    needed, full = _tiles(mask_t, tk, tq, bn, bm)
+    # a query block is full only if the key tile is inside Tk too
+    for kb in range(needed.shape[1]):
+        if (kb + 1) * bn > tk:
+            full[:, kb, :] = False
+    out = torch.zeros(h, triton.cdiv(tk, bn), triton.cdiv(tq, bm), dtype=torch.int32)
+    _query_tiles_kernel[(triton.cdiv(tk, bn), h)](
+        _interval_table(spec, tk), out, tq, tk, q_off, out.shape[-1], BLOCK_M=bm, BLOCK_N=bn
+    )
+    assert out.max() <= FULL, "a query block was visited twice"
+    assert not (needed & (out == 0)).any(), "a query block holding allowed pairs was skipped"
+    assert not ((out == FULL) & ~full).any(), "a tile with a forbidden pair ran without the mask"
+    assert torch.equal(out == FULL, full)

@@ -25,6 +25,7 @@ from olmoe_spattn.kernels.common import (
 )
 
 EDGE, FULL = 1, 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def test_geometries_have_full_tiles():
 
 
 def _interval_table(spec: BandSpec, tk: int) -> torch.Tensor:
-    return spec.interval_tensor(tk if spec.is_dynamic else None).reshape(spec.n_heads, 4).contiguous()
+    return spec.interval_tensor(tk if spec.is_dynamic else None).reshape(spec.n_heads, 4).contiguous().to(DEVICE)
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g[0]}-H{g[1]}-N{g[2]}-{g[3]}x{g[4]}-{g[5]}x{g[6]}")
@@ -122,10 +123,11 @@ def test_key_tiles_of_query_tiles(geom):
     q_off = tk - tq
     mask = spec.mask(tk)[:, q_off:, :]  # [H, Tq, Tk]
     needed, full = _tiles(mask, tq, tk, bm, bn)
-    out = torch.zeros(h, triton.cdiv(tq, bm), triton.cdiv(tk, bn), dtype=torch.int32)
+    out = torch.zeros(h, triton.cdiv(tq, bm), triton.cdiv(tk, bn), dtype=torch.int32, device=DEVICE)
     _key_tiles_kernel[(triton.cdiv(tq, bm), h)](
         _interval_table(spec, tk), out, tq, tk, q_off, out.shape[-1], BLOCK_M=bm, BLOCK_N=bn
     )
+    out = out.cpu()
     assert out.max() <= FULL, "a key block was visited twice"
     assert not (needed & (out == 0)).any(), "a key block holding allowed pairs was skipped"
     assert not ((out == FULL) & ~full).any(), "a tile with a forbidden pair ran without the mask"
@@ -144,10 +146,11 @@ def test_query_tiles_of_key_tiles(geom):
     for kb in range(needed.shape[1]):
         if (kb + 1) * bn > tk:
             full[:, kb, :] = False
-    out = torch.zeros(h, triton.cdiv(tk, bn), triton.cdiv(tq, bm), dtype=torch.int32)
+    out = torch.zeros(h, triton.cdiv(tk, bn), triton.cdiv(tq, bm), dtype=torch.int32, device=DEVICE)
     _query_tiles_kernel[(triton.cdiv(tk, bn), h)](
         _interval_table(spec, tk), out, tq, tk, q_off, out.shape[-1], BLOCK_M=bm, BLOCK_N=bn
     )
+    out = out.cpu()
     assert out.max() <= FULL, "a query block was visited twice"
     assert not (needed & (out == 0)).any(), "a query block holding allowed pairs was skipped"
     assert not ((out == FULL) & ~full).any(), "a tile with a forbidden pair ran without the mask"

@@ -105,7 +105,7 @@ def _load_rows(base, rows, stride, n_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1, qk_scale,
+    dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,7 +121,7 @@ def _dq_step(
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if MASKED:
-        allowed = pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1)
+        allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
         ds = tl.where(allowed, ds, 0.0)
         # keys no row of the tile attends never reach dQ (0 * NaN would)
         k = tl.where(attended_columns(allowed)[:, None], k, 0.0)
@@ -168,6 +168,7 @@ def dq_kernel(
     i_pos = offs_m + q_off
     i0 = m * BLOCK_M + q_off
     i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    i_end = q_off + tq  # first position past the last query row
 
     rows = (seq_start + offs_m).to(tl.int64)[:, None]
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -195,13 +196,13 @@ def dq_kernel(
     for t in range(0, n0 + n1 - nf0 - nf1):  # edge tiles
         kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
         dq = _dq_step(
-            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1,
+            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1,
             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
         )
     for t in range(0, nf0 + nf1):  # full tiles
         kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
         dq = _dq_step(
-            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1,
+            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1,
             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
         )
 
@@ -239,7 +240,7 @@ def _dkdv_step(
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
     if MASKED:
-        maskT = pair_mask_t(offs_n, offs_m + q_off, tk, lo0, hi0, lo1, hi1)
+        maskT = pair_mask_t(offs_n, offs_m + q_off, q_off + tq, tk, lo0, hi0, lo1, hi1)
         pT = tl.where(maskT, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]

@@ -178,12 +178,13 @@ def _in_interval(first, second, lo, hi):
 
 
 @triton.jit
-def pair_mask(i_pos, j_pos, tk, lo0, hi0, lo1, hi1):
-    """Element mask ``[len(i_pos), len(j_pos)]``: distance inside an interval and key inside ``Tk``."""
+def pair_mask(i_pos, j_pos, i_end, tk, lo0, hi0, lo1, hi1):
+    """Element mask ``[len(i_pos), len(j_pos)]``: distance inside an interval, query before
+    ``i_end`` and key inside ``Tk`` (exact, so rows past the end never mark a key as used)."""
     ok = _in_interval(i_pos, j_pos, lo0, hi0)
     if hi1 > lo1:
         ok = ok | _in_interval(i_pos, j_pos, lo1, hi1)
-    return ok & (j_pos < tk)[None, :]
+    return ok & (j_pos < tk)[None, :] & (i_pos < i_end)[:, None]
 
 
 @triton.jit
@@ -199,13 +200,13 @@ def attended_rows(allowed):
 
 
 @triton.jit
-def pair_mask_t(j_pos, i_pos, tk, lo0, hi0, lo1, hi1):
+def pair_mask_t(j_pos, i_pos, i_end, tk, lo0, hi0, lo1, hi1):
     """Transposed :func:`pair_mask`: ``[len(j_pos), len(i_pos)]``."""
     j_neg = -j_pos  # d = i - j = (-j)[:, None] - (-i)[None, :]
     ok = _in_interval(j_neg, -i_pos, lo0, hi0)
     if hi1 > lo1:
         ok = ok | _in_interval(j_neg, -i_pos, lo1, hi1)
-    return ok & (j_pos < tk)[:, None]
+    return ok & (j_pos < tk)[:, None] & (i_pos < i_end)[None, :]
 
 
 # ----------------------------------------------------------------------------- launch geometry

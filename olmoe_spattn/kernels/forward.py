@@ -22,7 +22,7 @@ from .common import attended_columns, edge_block, full_key_blocks, key_block_ran
 
 @triton.jit
 def _fwd_step(
-    acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1, qk_scale,
+    acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -46,7 +46,7 @@ def _fwd_step(
         v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        allowed = pair_mask(i_pos, cols, tk, lo0, hi0, lo1, hi1)
+        allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
         qk = tl.where(allowed, qk, float("-inf"))
         # values no row of the tile attends never reach the output (0 * NaN would)
         v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
@@ -114,6 +114,7 @@ def fwd_kernel(
     i_pos = offs_m + q_off  # query positions in key coordinates
     i0 = m * BLOCK_M + q_off
     i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    i_end = q_off + tq  # first position past the last query row
 
     # key blocks: edge tiles (element mask) and full tiles (none), each as one list
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
@@ -147,13 +148,13 @@ def fwd_kernel(
     for t in range(e_lo, e_hi):
         kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
         acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1, qk_scale,
+            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
             HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
         )
     for t in range(u_lo, u_hi):
         kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
         acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, tk, lo0, hi0, lo1, hi1, qk_scale,
+            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
             HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
         )
 

@@ -1,8 +1,8 @@
 """Tile classification of the Triton band kernel, checked against ``BandSpec.mask``.
 
 Every kernel walks, per query tile (forward, dQ) or key tile (dK/dV), the blocks of the
-other side that its head's intervals reach, split into *edge* tiles (element mask) and
-*full* tiles (no mask). A full tile that holds a forbidden pair would silently attend it,
+other side that its head's intervals reach, and runs *edge* tiles with the element mask
+and *full* tiles without it. A full tile that holds a forbidden pair would silently attend it,
 and a needed block that is never visited would silently drop it; both are checked here on
 small geometries through the Triton interpreter, for the block lists themselves rather
 than only through attention outputs.
@@ -16,13 +16,7 @@ import triton
 import triton.language as tl
 
 from olmoe_spattn import BandSpec
-from olmoe_spattn.kernels.common import (
-    edge_block,
-    full_key_blocks,
-    full_query_blocks,
-    key_block_ranges,
-    query_block_ranges,
-)
+from olmoe_spattn.kernels.common import key_block_ranges, query_block_ranges, tile_is_full
 
 EDGE, FULL = 1, 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,15 +33,11 @@ def _key_tiles_kernel(Table, Out, tq, tk, q_off, n_kb, BLOCK_M: tl.constexpr, BL
     i0 = m * BLOCK_M + q_off
     i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
-    f0, nf0 = full_key_blocks(a0, n0, i0, i1, tk, lo0, hi0, BLOCK_N)
-    f1, nf1 = full_key_blocks(a1, n1, i0, i1, tk, lo1, hi1, BLOCK_N)
     row = Out + (h * tl.num_programs(0) + m) * n_kb
-    for t in range(0, n0 + n1 - nf0 - nf1):
-        kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
-        tl.store(row + kb, tl.load(row + kb) + 1)
-    for t in range(0, nf0 + nf1):
-        kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
-        tl.store(row + kb, tl.load(row + kb) + 2)
+    for t in range(0, n0 + n1):
+        kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
+        full = tile_is_full(i0, i1, kb * BLOCK_N, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+        tl.store(row + kb, tl.load(row + kb) + tl.where(full, 2, 1))
 
 
 @triton.jit
@@ -61,15 +51,13 @@ def _query_tiles_kernel(Table, Out, tq, tk, q_off, n_qb, BLOCK_M: tl.constexpr, 
     j0 = n * BLOCK_N
     j1 = tl.minimum(j0 + BLOCK_N - 1, tk - 1)
     c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
-    f0, nf0 = full_query_blocks(c0, n0, j0, tk, tq, q_off, lo0, hi0, BLOCK_M, BLOCK_N)
-    f1, nf1 = full_query_blocks(c1, n1, j0, tk, tq, q_off, lo1, hi1, BLOCK_M, BLOCK_N)
     row = Out + (h * tl.num_programs(0) + n) * n_qb
-    for t in range(0, n0 + n1 - nf0 - nf1):
-        mb = edge_block(t, c0, n0, f0, nf0, c1, n1, f1, nf1)
-        tl.store(row + mb, tl.load(row + mb) + 1)
-    for t in range(0, nf0 + nf1):
-        mb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
-        tl.store(row + mb, tl.load(row + mb) + 2)
+    for t in range(0, n0 + n1):
+        mb = tl.where(t < n0, c0 + t, c1 + (t - n0))
+        i0 = mb * BLOCK_M + q_off
+        i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+        full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+        tl.store(row + mb, tl.load(row + mb) + tl.where(full, 2, 1))
 
 
 GEOMETRIES = [
@@ -88,8 +76,12 @@ GEOMETRIES = [
 ]
 
 
-def _tiles(mask_hw: torch.Tensor, tq: int, tk: int, bm: int, bn: int):
-    """``(needed, all_allowed)`` per (head, query tile, key block) from the boolean mask."""
+def _tiles(mask_hw: torch.Tensor, tq: int, tk: int, bm: int, bn: int, whole_cols: bool = True):
+    """``(needed, all_allowed)`` per (head, row tile, column block) from the boolean mask.
+
+    A tile counts as all-allowed when every pair inside the sequence is; with ``whole_cols``
+    its column block must also lie inside the sequence (key blocks past ``Tk`` are masked).
+    """
     h = mask_hw.shape[0]
     n_qt, n_kb = triton.cdiv(tq, bm), triton.cdiv(tk, bn)
     needed = torch.zeros(h, n_qt, n_kb, dtype=torch.bool)
@@ -98,7 +90,7 @@ def _tiles(mask_hw: torch.Tensor, tq: int, tk: int, bm: int, bn: int):
         for kb in range(n_kb):
             tile = mask_hw[:, m * bm:(m + 1) * bm, kb * bn:(kb + 1) * bn]  # [H, <=bm, <=bn]
             needed[:, m, kb] = tile.flatten(1).any(1)
-            full[:, m, kb] = tile.flatten(1).all(1) & ((kb + 1) * bn <= tk)
+            full[:, m, kb] = tile.flatten(1).all(1) & ((kb + 1) * bn <= tk or not whole_cols)
     return needed, full
 
 
@@ -141,7 +133,7 @@ def test_query_tiles_of_key_tiles(geom):
     spec = BandSpec(pattern, h, n)
     q_off = tk - tq
     mask_t = spec.mask(tk)[:, q_off:, :].transpose(1, 2)  # [H, Tk, Tq]
-    needed, full = _tiles(mask_t, tk, tq, bn, bm)
+    needed, full = _tiles(mask_t, tk, tq, bn, bm, whole_cols=False)
     # a query block is full only if the key tile is inside Tk too
     for kb in range(needed.shape[1]):
         if (kb + 1) * bn > tk:

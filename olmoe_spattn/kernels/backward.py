@@ -26,14 +26,12 @@ import triton.language as tl
 from .common import (
     attended_columns,
     attended_rows,
-    edge_block,
-    full_key_blocks,
-    full_query_blocks,
     key_block_ranges,
     load_intervals,
     pair_mask,
     pair_mask_t,
     query_block_ranges,
+    tile_is_full,
 )
 
 
@@ -92,43 +90,6 @@ def delta_kernel(
 
 
 @triton.jit
-def _load_rows(base, rows, stride, n_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """``[len(rows), BLOCK_D]`` tile of a ``[T, D]`` operand; masks only where needed."""
-    offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=(rows < n_valid)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    if HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-
-
-@triton.jit
-def _dq_step(
-    dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dQ contribution of one key block; ``MASKED`` for edge tiles."""
-    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, cols, stride_kt, tk, HEAD_DIM, BLOCK_D, MASKED)
-    v = _load_rows(v_base, cols, stride_vt, tk, HEAD_DIM, BLOCK_D, MASKED)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.math.exp2(qk * qk_scale - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    if MASKED:
-        allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
-        ds = tl.where(allowed, ds, 0.0)
-        # keys no row of the tile attends never reach dQ (0 * NaN would)
-        k = tl.where(attended_columns(allowed)[:, None], k, 0.0)
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def dq_kernel(
     Q, K, V, Out, DO, DQ, Lse, DLse, Delta, Table, CuSeq,
     stride_qb, stride_qt, stride_qh,
@@ -162,6 +123,7 @@ def dq_kernel(
     h_kv = h // group
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < tq
     d_ok = offs_d < HEAD_DIM
@@ -186,25 +148,28 @@ def dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
-    f0, nf0 = full_key_blocks(a0, n0, i0, i1, tk, lo0, hi0, BLOCK_N)
-    f1, nf1 = full_key_blocks(a1, n1, i0, i1, tk, lo1, hi1, BLOCK_N)
     k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(0, n0 + n1 - nf0 - nf1):  # edge tiles
-        kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
-        dq = _dq_step(
-            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1,
-            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
-        )
-    for t in range(0, nf0 + nf1):  # full tiles
-        kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
-        dq = _dq_step(
-            dq, q, do, lse, delta, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1,
-            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
-        )
+    for t in range(0, n0 + n1):
+        kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
+        j0 = kb * BLOCK_N
+        cols = j0 + offs_n
+        kv_mask = (cols < tk)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
+            ds = tl.where(allowed, ds, 0.0)
+            # keys no row of the tile attends never reach dQ (0 * NaN would)
+            k = tl.where(attended_columns(allowed)[:, None], k, 0.0)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(
@@ -212,51 +177,6 @@ def dq_kernel(
         dq.to(DQ.dtype.element_ty),
         mask=qd_mask,
     )
-
-
-@triton.jit
-def _dkdv_step(
-    dk, dv, k, v, mb, q_base, do_base, l_base, d_base, acc_base, stride_qt, stride_dot, stride_acc_t,
-    offs_n, tk, tq, q_off, lo0, hi0, lo1, hi1, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dK, dV (and with ``ATOMIC_DQ`` dQ) contributions of one query block; ``MASKED`` for edge tiles."""
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, offs_m, stride_qt, tq, HEAD_DIM, BLOCK_D, MASKED)
-    do = _load_rows(do_base, offs_m, stride_dot, tq, HEAD_DIM, BLOCK_D, MASKED)
-    if MASKED:
-        row_ok = offs_m < tq
-        lse = tl.load(l_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(d_base + offs_m, mask=row_ok, other=0.0)
-    else:
-        lse = tl.load(l_base + offs_m) * 1.4426950408889634
-        delta = tl.load(d_base + offs_m)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-    if MASKED:
-        maskT = pair_mask_t(offs_n, offs_m + q_off, q_off + tq, tk, lo0, hi0, lo1, hi1)
-        pT = tl.where(maskT, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    dsT = pT * (dpT - delta[None, :])
-    k_dq = k
-    if MASKED:
-        dsT = tl.where(maskT, dsT, 0.0)  # a NaN value never reaches keys that rows skip
-        if ATOMIC_DQ:
-            k_dq = tl.where(attended_rows(maskT)[:, None], k, 0.0)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:  # this key tile's share of dQ, summed over key tiles in fp32
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k_dq, input_precision=DOT_PRECISION) * sm_scale
-        offs_d = tl.arange(0, BLOCK_D)
-        ptrs = acc_base + offs_m.to(tl.int64)[:, None] * stride_acc_t + offs_d[None, :]
-        tl.atomic_add(ptrs, dq, mask=(offs_m < tq)[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
-    return dk, dv
 
 
 @triton.jit
@@ -293,6 +213,7 @@ def dkdv_kernel(
         return
 
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
+    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < tk
     d_ok = offs_d < HEAD_DIM
@@ -311,27 +232,42 @@ def dkdv_kernel(
         h = h_kv * group + g
         lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
         c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
-        f0, nf0 = full_query_blocks(c0, n0, j0, tk, tq, q_off, lo0, hi0, BLOCK_M, BLOCK_N)
-        f1, nf1 = full_query_blocks(c1, n1, j0, tk, tq, q_off, lo1, hi1, BLOCK_M, BLOCK_N)
         q_base = Q + b.to(tl.int64) * stride_qb + seq_start.to(tl.int64) * stride_qt + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + seq_start.to(tl.int64) * stride_dot + h * stride_doh
-        l_base = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
-        d_base = Delta + b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
-        acc_base = DQAcc + b.to(tl.int64) * stride_qacc_b + seq_start.to(tl.int64) * stride_qacc_t + h * stride_qacc_h
-        for t in range(0, n0 + n1 - nf0 - nf1):  # edge tiles
-            mb = edge_block(t, c0, n0, f0, nf0, c1, n1, f1, nf1)
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, mb, q_base, do_base, l_base, d_base, acc_base, stride_qt, stride_dot, stride_qacc_t,
-                offs_n, tk, tq, q_off, lo0, hi0, lo1, hi1, qk_scale, sm_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, ATOMIC_DQ, DOT_PRECISION,
-            )
-        for t in range(0, nf0 + nf1):  # full tiles
-            mb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, mb, q_base, do_base, l_base, d_base, acc_base, stride_qt, stride_dot, stride_qacc_t,
-                offs_n, tk, tq, q_off, lo0, hi0, lo1, hi1, qk_scale, sm_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_M, False, ATOMIC_DQ, DOT_PRECISION,
-            )
+        l_base = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
+        for t in range(0, n0 + n1):
+            mb = tl.where(t < n0, c0 + t, c1 + (t - n0))
+            offs_m = mb * BLOCK_M + offs_m0
+            row_ok = offs_m < tq
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            rows = offs_m.to(tl.int64)[:, None]
+            q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
+            lse = tl.load(Lse + l_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(Delta + l_base + offs_m, mask=row_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+            i0 = mb * BLOCK_M + q_off
+            i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+            full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+            maskT = (offs_n[:, None] >= 0) & (offs_m0[None, :] >= 0)  # all True; edge tiles replace it
+            if not full:
+                maskT = pair_mask_t(offs_n, offs_m + q_off, q_off + tq, tk, lo0, hi0, lo1, hi1)
+                pT = tl.where(maskT, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            k_dq = k
+            if not full:
+                dsT = tl.where(maskT, dsT, 0.0)  # a NaN value never reaches keys that rows skip
+                if ATOMIC_DQ:
+                    k_dq = tl.where(attended_rows(maskT)[:, None], k, 0.0)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:  # this key tile's share of dQ, summed over key tiles in fp32
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k_dq, input_precision=DOT_PRECISION) * sm_scale
+                dq_ptrs = DQAcc + b.to(tl.int64) * stride_qacc_b + (seq_start + rows) * stride_qacc_t
+                tl.atomic_add(dq_ptrs + h * stride_qacc_h + offs_d[None, :], dq, mask=qd_mask, sem="relaxed")
 
     dk = dk * sm_scale
     tl.store(

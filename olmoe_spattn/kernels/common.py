@@ -7,10 +7,8 @@ key ``j`` iff ``d = i - j`` lies in one of the head's half-open distance interva
 per interval, the keys ``[i0 - hi + 1, i1 - lo]``: one contiguous range of key blocks.
 Interval 0 (short distances) gives the higher key blocks; interval 1's range is clipped
 below interval 0's so no block is visited twice. A key block is *full* when every
-(query, key) pair of the tile lies inside one interval and inside ``Tk``. Each range splits
-into edge tiles before and after a contiguous run of full tiles (:func:`full_key_blocks`);
-the kernels walk the edge tiles with the element mask in one loop and the full tiles in a
-second loop with no mask and no branch, so the hot loop is a plain FlashAttention loop. The backward
+(query, key) pair of the tile lies inside one interval and inside ``Tk``; full blocks run
+without an element mask, the rest (at most two per interval) with it. The backward
 dK/dV kernel uses the mirror image: for keys ``[j0, j1]`` the queries ``[j0 + lo, j1 + hi - 1]``.
 """
 
@@ -110,45 +108,6 @@ def key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def full_key_blocks(a, n, i0, i1, tk, lo, hi, BLOCK_N: tl.constexpr):
-    """Sub-range ``[f, f + nf)`` of key blocks ``[a, a + n)`` in which every pair of rows
-    ``i0..i1`` and keys is inside ``[lo, hi)`` and every key inside ``Tk`` (no mask needed).
-    With none, ``f = a + n`` so the edge tiles are ``[a, f)`` and ``[f + nf, a + n)``."""
-    first = tl.maximum(i1 - hi + 1, 0)  # lowest key every row allows
-    last = tl.minimum(i0 - lo, tk - 1)  # highest key every row allows
-    f = tl.maximum((first + BLOCK_N - 1) // BLOCK_N, a)
-    e = tl.minimum(tl.maximum(last + 1, 0) // BLOCK_N, a + n)
-    nf = tl.where(hi > lo, tl.maximum(e - f, 0), 0)
-    return tl.where(nf > 0, f, a + n), nf
-
-
-@triton.jit
-def full_query_blocks(c, n, j0, tk, tq, q_off, lo, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Mirror of :func:`full_key_blocks` for the backward: the sub-range ``[f, f + nf)`` of
-    query blocks ``[c, c + n)`` whose every row sees every key ``j0 .. j0 + BLOCK_N - 1``
-    through ``[lo, hi)`` (rows inside ``Tq``, keys inside ``Tk``); ``f = c + n`` with none."""
-    first = tl.maximum(j0 + BLOCK_N - 1 + lo - q_off, 0)  # lowest row that sees every key
-    last = tl.minimum(j0 + hi - 1 - q_off, tq - 1)  # highest such row
-    f = tl.maximum((first + BLOCK_M - 1) // BLOCK_M, c)
-    e = tl.minimum(tl.maximum(last + 1, 0) // BLOCK_M, c + n)
-    nf = tl.where((hi > lo) & (j0 + BLOCK_N <= tk), tl.maximum(e - f, 0), 0)
-    return tl.where(nf > 0, f, c + n), nf
-
-
-@triton.jit
-def edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1):
-    """Block index of the ``t``-th edge tile: the parts of ``[a0, a0 + n0)`` and ``[a1, a1 + n1)``
-    before and after their full sub-ranges ``[f0, f0 + nf0)`` and ``[f1, f1 + nf1)``."""
-    lead0 = f0 - a0
-    tail0 = a0 + n0 - f0 - nf0
-    lead1 = f1 - a1
-    kb = a1 + lead1 + nf1 + (t - lead0 - tail0 - lead1)  # tail of interval 1
-    kb = tl.where(t < lead0 + tail0 + lead1, a1 + (t - lead0 - tail0), kb)
-    kb = tl.where(t < lead0 + tail0, f0 + nf0 + (t - lead0), kb)
-    return tl.where(t < lead0, a0 + t, kb)
-
-
-@triton.jit
 def _query_range(j0, j1, tq, q_off, lo, hi, BLOCK_M: tl.constexpr):
     """Query blocks ``[c, c + n)`` (rows relative to ``q_off``) at distance ``[lo, hi)`` from keys ``j0..j1``."""
     rlo = tl.maximum(j0 + lo - q_off, 0)
@@ -168,6 +127,15 @@ def query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M: tl.conste
     start = tl.where(n0 > 0, tl.maximum(c1, c0 + n0), c1)
     n1 = tl.maximum(c1 + n1 - start, 0)
     return c0, n0, start, n1
+
+
+@triton.jit
+def tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N: tl.constexpr):
+    """True when every pair (rows ``i0..i1``, keys ``j0..j0+BLOCK_N-1``) is allowed."""
+    dmin = i0 - (j0 + BLOCK_N - 1)
+    dmax = i1 - j0
+    inside = ((dmin >= lo0) & (dmax < hi0)) | ((dmin >= lo1) & (dmax < hi1))
+    return inside & (j0 + BLOCK_N <= tk)
 
 
 @triton.jit

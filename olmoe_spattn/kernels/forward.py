@@ -17,47 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import attended_columns, edge_block, full_key_blocks, key_block_ranges, load_intervals, pair_mask
-
-
-@triton.jit
-def _fwd_step(
-    acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One key block of the online softmax; ``MASKED`` for edge tiles, plain for full ones."""
-    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
-    if MASKED:
-        kv_mask = (cols < tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif HEAD_DIM == BLOCK_D:  # full tile: every key inside Tk, no mask at all
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
-        qk = tl.where(allowed, qk, float("-inf"))
-        # values no row of the tile attends never reach the output (0 * NaN would)
-        v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+from .common import attended_columns, key_block_ranges, load_intervals, pair_mask, tile_is_full
 
 
 @triton.jit
@@ -108,6 +68,7 @@ def fwd_kernel(
     lo0, hi0, lo1, hi1 = load_intervals(tab)
 
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows, relative to the sequence
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < tq
     d_ok = offs_d < HEAD_DIM
@@ -116,24 +77,14 @@ def fwd_kernel(
     i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
     i_end = q_off + tq  # first position past the last query row
 
-    # key blocks: edge tiles (element mask) and full tiles (none), each as one list
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
-    f0, nf0 = full_key_blocks(a0, n0, i0, i1, tk, lo0, hi0, BLOCK_N)
-    f1, nf1 = full_key_blocks(a1, n1, i0, i1, tk, lo1, hi1, BLOCK_N)
-    n_edge = n0 + n1 - nf0 - nf1
-    n_full = nf0 + nf1
-    e_lo = 0
-    e_hi = n_edge
-    u_lo = 0
-    u_hi = n_full
-    if SPLIT:  # this program's share of the concatenated list [edge tiles, full tiles]
-        chunk = tl.cdiv(n_edge + n_full, n_split)
-        t_lo = split * chunk
-        t_hi = t_lo + chunk
-        e_lo = tl.minimum(t_lo, n_edge)
-        e_hi = tl.minimum(t_hi, n_edge)
-        u_lo = tl.minimum(tl.maximum(t_lo - n_edge, 0), n_full)
-        u_hi = tl.minimum(tl.maximum(t_hi - n_edge, 0), n_full)
+    n_tot = n0 + n1
+    t_lo = 0
+    t_hi = n_tot
+    if SPLIT:
+        chunk = tl.cdiv(n_tot, n_split)
+        t_lo = tl.minimum(split * chunk, n_tot)
+        t_hi = tl.minimum(t_lo + chunk, n_tot)
 
     q_base = Q + b.to(tl.int64) * stride_qb + (seq_start + offs_m).to(tl.int64)[:, None] * stride_qt
     q = tl.load(q_base + h * stride_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -145,18 +96,27 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in range(e_lo, e_hi):
-        kb = edge_block(t, a0, n0, f0, nf0, a1, n1, f1, nf1)
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION,
-        )
-    for t in range(u_lo, u_hi):
-        kb = tl.where(t < nf0, f0 + t, f1 + (t - nf0))
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, kb, k_base, v_base, stride_kt, stride_vt, i_pos, i_end, tk, lo0, hi0, lo1, hi1, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION,
-        )
+    for t in range(t_lo, t_hi):
+        kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
+        j0 = kb * BLOCK_N
+        cols = j0 + offs_n
+        kv_mask = (cols < tk)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
+            qk = tl.where(allowed, qk, float("-inf"))
+            # values no row of the tile attends never reach the output (0 * NaN would)
+            v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

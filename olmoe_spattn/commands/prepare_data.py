@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-documents", type=_positive_int, default=None, help="stop after this many documents")
     parser.add_argument("--overwrite", action="store_true", help="replace .npy files already in the output directory")
     parser.add_argument(
-        "--progress-every", type=float, default=5.0, help="seconds between progress lines (default 5)"
+        "--progress-every", type=float, default=5.0,
+        help="seconds between progress-bar redraws (default 5; negative: no bar)"
     )
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 #: file-name endings read as JSON lines / Parquet
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -320,8 +321,9 @@ def prepare_data(
     """Tokenizes every document of ``inputs`` into OLMo-core numpy token files in ``output_dir``.
 
     Each document becomes ``tokenize(text) + [EOS]``; empty (whitespace-only) documents are
-    skipped and counted. Progress lines (documents, tokens, tokens/s) go to ``log`` every
-    ``progress_every`` seconds. Raises ``ValueError`` for bad inputs or settings; on error no
+    skipped and counted. A progress bar (input bytes, documents, tokens) redraws at most every
+    ``progress_every`` seconds (negative: no bar); the start and summary lines go to ``log``.
+    Raises ``ValueError`` for bad inputs or settings; on error no
     finished-looking file is left for the failed part.
     """
     for name, value in (("max_tokens_per_file", max_tokens_per_file), ("batch_size", batch_size)):
@@ -351,8 +353,11 @@ def prepare_data(
     writer = TokenFileWriter(out, np_dtype, max_tokens_per_file)
     eos = np.array([tok.eos_token_id], dtype=np.int64)
     n_docs = n_tokens = n_empty = 0
-    start = last_report = time.perf_counter()
+    start = time.perf_counter()
     max_id = int(np.iinfo(np_dtype).max)
+    # progress: input bytes done (whole files) of the total, with live document/token counts
+    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare-data",
+               mininterval=progress_every, disable=progress_every < 0)
 
     def flush(batch: list[str]) -> None:
         nonlocal n_docs, n_tokens
@@ -363,6 +368,7 @@ def prepare_data(
             writer.write(arr)
             n_docs += 1
             n_tokens += int(arr.size)
+        bar.set_postfix(docs=n_docs, tokens=n_tokens, files=len(writer.files), refresh=False)
 
     try:
         batch: list[str] = []
@@ -379,14 +385,8 @@ def prepare_data(
                 if len(batch) >= batch_size:
                     flush(batch)
                     batch = []
-                    now = time.perf_counter()
-                    if now - last_report >= progress_every:
-                        last_report = now
-                        elapsed = now - start
-                        log(
-                            f"  {n_docs:,} docs | {n_tokens:,} tokens | {n_tokens / elapsed:,.0f} tokens/s "
-                            f"| {len(writer.files)} file(s) | {path.name}"
-                        )
+                    bar.update(0)  # lets tqdm redraw the counts at its own pace
+            bar.update(path.stat().st_size)
             if done:
                 break
         if batch:
@@ -394,6 +394,8 @@ def prepare_data(
     except BaseException:
         writer.abort()
         raise
+    finally:
+        bar.close()
     written = writer.close()
     seconds = time.perf_counter() - start
     if n_docs == 0:

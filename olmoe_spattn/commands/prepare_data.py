@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="token dtype; auto = smallest of uint16/uint32/uint64 that holds the vocabulary (default)",
+        help="token dtype; auto = the smallest that holds the vocabulary, as OLMo-core infers it (default)",
     )
     parser.add_argument(
         "--eos-token-id", type=_non_negative_int, default=None, help="EOS id appended to every document (default: the tokenizer's)"

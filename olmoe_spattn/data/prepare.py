@@ -207,26 +207,27 @@ def load_tokenizer(name_or_path: str, *, eos_token_id: int | None = None) -> Tok
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
-    """The token dtype: ``requested``, or the smallest of uint16/32/64 holding ``vocab_size - 1``."""
+    """The token dtype: ``requested``, or (``auto``) the one OLMo-core infers for ``vocab_size``."""
     if requested not in DTYPES:
         raise ValueError(f"unknown dtype {requested!r}; allowed: {', '.join(DTYPES)}")
-    if requested != "auto":
-        dtype = np.dtype(requested)
-        if vocab_size - 1 > np.iinfo(dtype).max:
-            raise ValueError(
-                f"dtype {requested} cannot hold token ids up to {vocab_size - 1} (vocab_size={vocab_size})"
-            )
-        return dtype
-    for name in ("uint16", "uint32", "uint64"):
-        if vocab_size - 1 <= np.iinfo(name).max:
-            return np.dtype(name)
-    raise ValueError(f"vocab_size={vocab_size} is too large for any supported dtype")
+    if requested == "auto":
+        from .synthetic import token_dtype
+
+        return np.dtype(token_dtype(vocab_size))
+    dtype = np.dtype(requested)
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"dtype {requested} cannot hold token ids up to {vocab_size - 1} (vocab_size={vocab_size})")
+    return dtype
 
 
 # --------------------------------------------------------------------------------- writer
 class TokenFileWriter:
     """Appends EOS-terminated documents to ``part-NNNNN.npy`` files, starting a new file when
-    the next document would push the current one past ``max_tokens_per_file``."""
+    the next document would push the current one past ``max_tokens_per_file``.
+
+    Streaming, unlike OLMo-core's ``memmap_to_write`` (which needs the final size up front), and
+    writing document boundaries as they are known, unlike ``write_document_indices`` (which splits
+    at every EOS id, wrong for a document whose text encodes the EOS token)."""
 
     def __init__(self, out_dir: Path, dtype: np.dtype, max_tokens_per_file: int, prefix: str = "part"):
         self.out_dir = out_dir

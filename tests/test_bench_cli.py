@@ -140,3 +140,23 @@ def test_cuda_kernel_modes_write_tables(tmp_path, mode):
     assert main(["bench", *mode, "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert len([x for x in lines if x.startswith("| ")]) >= 3  # header + at least two measured rows
+
+
+def test_sweep_drives_every_kernel_kind_in_the_interpreter(monkeypatch):
+    """`bench sweep` calls the kernels' launch functions directly: run it through the Triton
+    interpreter (one call per configuration instead of do_bench) so a launch-signature change
+    in the kernels breaks this test, not the GPU run."""
+    import os
+
+    from olmoe_spattn.bench import modes
+    from olmoe_spattn.kernels import autotune
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it on CPU machines)")
+    calls = []
+    monkeypatch.setattr(modes, "_bench", lambda fn, rep_ms: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(autotune, "_SPACE", {kind: space[:1] for kind, space in autotune._SPACE.items()})
+    lines = modes.sweep([(1, 2, 32, 16)], ["exclusive_bands"], 1.0, device="cpu")
+    kinds = {line.split(" | ")[2] for line in lines[2:]}
+    assert kinds == set(autotune._SPACE) - {"decode"}, lines
+    assert all("inf" not in line and "Error" not in line for line in lines[2:]), lines

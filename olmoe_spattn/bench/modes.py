@@ -1,6 +1,6 @@
 """``bench sweep``, ``bench decode`` and ``bench overhead``: the Triton band kernel alone, on CUDA.
 
-  sweep     every launch configuration of the tuned space (forward, dQ, dK/dV kernels),
+  sweep     every launch configuration of the tuned space (forward, dQ, dK/dV, dK/dV+dQ kernels),
             per shape and pattern, autotuning off: the data behind the kernels' fixed choices
   decode    one decode step (one query against a KV cache of Tk keys) vs SDPA's dense decode
   overhead  where a small shape's forward+backward time goes: the autograd floor, the raw
@@ -45,15 +45,14 @@ def _fwd_bwd(fn, q, k, v, g):
     return step
 
 
-def _inputs(b: int, t: int, h: int, d: int, hkv: int | None = None, grad: bool = False):
+def _inputs(b: int, t: int, h: int, d: int, *, grad: bool = False, device: str = "cuda", dtype=None):
     import torch
 
-    q = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)  # [B, T, H, D]
-    k, v = (torch.randn(b, t, hkv or h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in range(2))
-    return q, k, v
+    kw = dict(device=device, dtype=dtype or torch.bfloat16, requires_grad=grad)
+    return tuple(torch.randn(b, t, h, d, **kw) for _ in range(3))  # q, k, v [B, T, H, D]
 
 
-def sweep(shapes, patterns: list[str], rep_ms: float) -> list[str]:
+def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda") -> list[str]:
     """Per-kernel ms of every configuration in the tuned space, fastest first."""
     import torch
 
@@ -68,7 +67,7 @@ def sweep(shapes, patterns: list[str], rep_ms: float) -> list[str]:
     real = launch.fixed_config
     try:
         for b, h, t, d in shapes:
-            q, k, v = _inputs(b, t, h, d)
+            q, k, v = _inputs(b, t, h, d, device=device, dtype=None if device == "cuda" else torch.float32)
             g = torch.randn_like(q)
             for pattern in patterns:
                 spec = BandSpec(pattern, h, t)
@@ -77,12 +76,16 @@ def sweep(shapes, patterns: list[str], rep_ms: float) -> list[str]:
                 delta = torch.empty_like(lse)
                 dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
                 launch.run_dq(g, q, k, v, out, lse, None, delta, dq, p)
-                calls = {
-                    "fwd": lambda: launch.run_forward(q, k, v, p),  # noqa: B023 - used in this iteration
+                dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # [B, T, H, D]
+                calls = {  # the closures run within this iteration
+                    "fwd": lambda: launch.run_forward(q, k, v, p),  # noqa: B023
                     "dq": lambda: launch.run_dq(g, q, k, v, out, lse, None, delta, dq, p),  # noqa: B023
                     "dkdv": lambda: launch.run_dkdv(g, q, k, v, lse, delta, dk, dv, p),  # noqa: B023
+                    "dkdvdq": lambda: launch.run_dkdv(g, q, k, v, lse, delta, dk, dv, p, dq_acc=dq_acc),  # noqa: B023
                 }
                 for kind, space in autotune._SPACE.items():
+                    if kind not in calls:  # a kernel kind this sweep does not know how to call
+                        continue
                     res = []
                     for cfg_t in space:
                         cfg = autotune.LaunchConfig(*cfg_t)

@@ -251,7 +251,8 @@ def to_markdown(data: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .kernel import device_name, gpu_slug
+    from .kernel import device_name
+    from .report import gpu_slug
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]

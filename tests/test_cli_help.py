@@ -10,7 +10,7 @@ import sys
 from olmoe_spattn.cli import SUBCOMMANDS
 from olmoe_spattn.commands.bench import KINDS
 
-HEAVY = ("torch", "olmo_core", "transformers", "lm_eval", "triton", "matplotlib")
+HEAVY = ("torch", "olmo_core", "transformers", "lm_eval", "triton", "matplotlib", "numpy")
 
 PROBE = """
 import contextlib, io, sys

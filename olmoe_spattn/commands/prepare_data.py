@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.prepare import DTYPES
+from ..data import DTYPES
 
 
 def _positive_int(text: str) -> int:

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import DTYPES
+
 #: file-name endings read as JSON lines / Parquet
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
-#: dtype names accepted by ``--dtype`` ("auto" picks by vocab size)
-DTYPES: tuple[str, ...] = ("auto", "uint8", "uint16", "uint32", "uint64")
 MANIFEST_NAME = "prepare_data.json"
 
 Log = Callable[[str], None]

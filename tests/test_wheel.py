@@ -5,6 +5,7 @@ installed without dependencies, so nothing is downloaded."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,10 +26,11 @@ def _build_wheel(tmp: Path) -> Path:
     shutil.copytree(REPO / "olmoe_spattn", src / "olmoe_spattn", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
+    # offline with the setuptools already installed; else pip fetches it into an isolated build env
+    local = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(tmp / "dist"), str(src)],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *local, "-q", "-w", str(tmp / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = (tmp / "dist").glob("olmoe_spattn-*.whl")

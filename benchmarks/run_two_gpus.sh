@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 8 on a 2-GPU machine (NCCL): the launchers for real, short runs of the 0.25B-1.75B
-# recipe on synthetic data. Each step has its own time limit and log under $OUT.
+# The launchers on a 2-GPU machine (NCCL): real, short runs of the 0.25B-1.75B
+# recipe on synthetic data. Each step has its own time limit and log under $OUT (default
+# benchmarks/results/two-gpus).
 #   STEPS=100 bash benchmarks/run_two_gpus.sh
 set -u
 out=${OUT:-benchmarks/results/two-gpus}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .bands import BandSpec
-from .validation import check_qkv
+
+if TYPE_CHECKING:  # torch loads with the first call, so importing the package stays fast
+    import torch
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "flex", "torch")
 
@@ -69,6 +71,8 @@ def band_attention(
     """
     if not isinstance(spec, BandSpec):
         raise ValueError(f"spec must be a BandSpec, got {type(spec).__name__}")
+    from .validation import check_qkv
+
     check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None and q_offset not in (None, 0):
         raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")

@@ -24,9 +24,10 @@ For head ``h`` of ``H`` heads and partition length ``N``::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is built, so the command line starts fast
+    import torch
 
 PATTERNS: tuple[str, ...] = (
     "spattention",
@@ -159,6 +160,8 @@ class BandSpec:
         This is the form the kernels consume.
         """
         heads = self._local_heads(head_offset, n_local_heads)
+        import torch
+
         table = torch.zeros(len(heads), MAX_INTERVALS, 2, dtype=torch.int32)
         all_intervals = self.intervals(seq_len)
         for row, h in enumerate(heads):
@@ -202,6 +205,8 @@ class BandSpec:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"q_offset must be a non-negative integer, got {offset!r}")
         heads = self._local_heads(head_offset, n_local_heads)
+        import torch
+
         dist = (torch.arange(tq, device=device) + offset)[:, None] - torch.arange(tk, device=device)
         causal = dist >= 0  # [Tq, Tk]
         all_intervals = self.intervals(tk)

@@ -1,16 +1,17 @@
 """``olmoe-spattn <subcommand>``: the single command-line entry point.
 
 Each subcommand lives in ``olmoe_spattn/commands/<module>.py`` and defines
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when
-their subcommand runs, so ``--help`` stays fast and optional extras stay optional.
+``add_arguments(parser)`` and ``run(args) -> int``; adding one is one line in
+:data:`SUBCOMMANDS`. A subcommand's module is imported only once argparse has chosen it,
+and command modules import nothing heavy (torch loads in ``run``), so ``--help`` is quick.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+from collections.abc import Callable, Sequence
 
 #: subcommand -> (module under olmoe_spattn.commands, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -24,40 +25,63 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    found = {}
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(f"olmoe_spattn.commands.{module}") is not None:
-            found[name] = (module, help_text)
-    return found
+class _LazySubParsers(argparse._SubParsersAction):
+    """Sub-parsers that get their arguments only when argparse picks them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaders: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        load = self.loaders.pop(values[0], None)
+        if load is not None:
+            load(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def setup(parser: argparse.ArgumentParser, module, help_text: str) -> None:
+    """Fills ``parser`` from ``module``: its docstring as description, its arguments, its ``run``."""
+    parser.description = (module.__doc__ or help_text).replace("``", "`").strip()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+
+
+def lazy_subcommands(
+    parser: argparse.ArgumentParser,
+    table: dict[str, tuple[str, str]],
+    load: Callable[[argparse.ArgumentParser, str, str, str], None],
+    dest: str,
+) -> None:
+    """Adds one sub-parser per ``table`` entry (name -> (module, help)); ``load(parser, name,
+    module, help)`` fills the chosen one."""
+    sub = parser.add_subparsers(dest=dest, metavar="<command>" if dest == "command" else "<kind>",
+                                action=_LazySubParsers, required=True)
+    for name, (module, help_text) in table.items():
+        sub.add_parser(name, help=help_text)
+        sub.loaders[name] = lambda p, name=name, module=module, h=help_text: load(p, name, module, h)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per available subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="olmoe-spattn",
-        description="SPAttention band attention for OLMo-core MoE models.",
-    )
+    """The top-level parser (subcommand modules load when chosen)."""
     from . import __version__
 
+    parser = argparse.ArgumentParser(prog="olmoe-spattn",
+                                     description="SPAttention band attention for OLMo-core MoE models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-    sub.required = True
-    for name, (module, help_text) in _available().items():
-        mod = importlib.import_module(f"olmoe_spattn.commands.{module}")
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
-        mod.add_arguments(p)
-        p.set_defaults(_module=module)
+    lazy_subcommands(
+        parser, SUBCOMMANDS,
+        lambda p, name, module, h: setup(p, importlib.import_module(f"olmoe_spattn.commands.{module}"), h),
+        dest="command",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parses ``argv`` and runs the chosen subcommand; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    mod = importlib.import_module(f"olmoe_spattn.commands.{args._module}")
+    args = build_parser().parse_args(argv)
     try:
-        return int(mod.run(args) or 0)
+        return int(args._run(args) or 0)
     except ValueError as err:  # bad user input: one clear line, no traceback
         print(f"olmoe-spattn {args.command}: error: {err}", file=sys.stderr)
         return 2

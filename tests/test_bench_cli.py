@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
-from olmoe_spattn.bench import kernel
+from olmoe_spattn.bench import kernel, measure, report
 from olmoe_spattn.cli import main
 
 
@@ -42,9 +43,9 @@ def test_flops_and_pairs_follow_band_coverage():
 
     spec = BandSpec("exclusive_bands", 4, 64)
     # the heads partition the causal triangle (d < N = T) exactly once
-    assert kernel.allowed_pairs(spec, 64, 4) == kernel.allowed_pairs(None, 64, 1)
-    assert kernel.attention_flops(10, 2, 8) == 4 * 2 * 8 * 10
-    assert kernel.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert measure.allowed_pairs(spec, 64, 4) == measure.allowed_pairs(None, 64, 1)
+    assert measure.attention_flops(10, 2, 8) == 4 * 2 * 8 * 10
+    assert report.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_cpu_quick_run_writes_results(tmp_path, capsys):
@@ -97,3 +98,65 @@ def test_cuda_quick_run_agrees_with_masked_sdpa(tmp_path):
         assert row["max_err"] < 2e-2 and row["max_grad_err"] < 5e-2  # bf16 masked SDPA vs compiled Flex
         assert row["speedup_vs_flex_fwdbwd"] > 0 and row["speedup_vs_cudnn_fwdbwd"] > 0
     assert rows[("dense_causal", "cudnn_dense")]["fwdbwd_ms"] > 0
+
+
+def test_plot_labels_missing_and_out_of_memory_bars(tmp_path, monkeypatch):
+    """A variant without a time is drawn as a labelled stub (OOM, n/a), not an invisible zero bar."""
+    import matplotlib.pyplot as plt
+
+    def row(pattern, backend, ms, status="ok", note=""):
+        return asdict(report.Row([1, 4, 64, 16], pattern, backend, 64, status, note, fwd_ms=ms, fwdbwd_ms=ms))
+
+    data = {"gpu": "test", "date": "today", "settings": {"dtype": "float32"}, "results": [
+        row("spattention", "ours", 1.0),
+        row("spattention", "flex", None, "error", "fwd OutOfMemoryError: CUDA out of memory"),
+        row("exclusive_bands", "ours", 2.0),
+    ]}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.plot(data, tmp_path / "p.png").stat().st_size > 1000
+    texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    assert "OOM" in texts and "n/a" in texts  # flex OOM on spattention, never measured on exclusive_bands
+    assert {"1", "2"} <= set(texts)
+
+
+def test_cuda_only_modes_refuse_cpu_clearly(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "decode"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [
+    ["sweep", "--shapes", "1,4,256,64", "--patterns", "exclusive_bands", "--rep-ms", "2"],
+    ["decode", "--patterns", "spattention", "--rep-ms", "2"],
+    ["overhead", "--rep-ms", "2"],
+])
+def test_cuda_kernel_modes_write_tables(tmp_path, mode):
+    out = tmp_path / "table.md"
+    assert main(["bench", *mode, "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len([x for x in lines if x.startswith("| ")]) >= 3  # header + at least two measured rows
+
+
+def test_sweep_drives_every_kernel_kind_in_the_interpreter(monkeypatch):
+    """`bench sweep` calls the kernels' launch functions directly: run it through the Triton
+    interpreter (one call per configuration instead of do_bench) so a launch-signature change
+    in the kernels breaks this test, not the GPU run."""
+    import os
+
+    from olmoe_spattn.bench import modes
+    from olmoe_spattn.kernels import autotune
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it on CPU machines)")
+    calls = []
+    monkeypatch.setattr(modes, "_bench", lambda fn, rep_ms: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(autotune, "_SPACE", {kind: space[:1] for kind, space in autotune._SPACE.items()})
+    lines = modes.sweep([(1, 2, 32, 16)], ["exclusive_bands"], 1.0, device="cpu")
+    kinds = {line.split(" | ")[2] for line in lines[2:]}
+    assert kinds == set(autotune._SPACE) - {"decode"}, lines
+    assert all("inf" not in line and "Error" not in line for line in lines[2:]), lines

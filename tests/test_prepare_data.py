@@ -153,6 +153,12 @@ def test_dtype_choice() -> None:
     assert choose_dtype(65537) == np.uint32
     assert choose_dtype(100278) == np.uint32  # dolma2
     assert choose_dtype(200, "uint8") == np.uint8
+    # one rule with synthetic data and OLMo-core's inference (a recipe without data.dtype)
+    from olmoe_spattn.data.synthetic import synthetic_tokens
+
+    assert choose_dtype(256) == np.uint8 and choose_dtype(257) == np.uint16
+    assert synthetic_tokens(64, 256, eos_token_id=0).dtype == choose_dtype(256)
+    assert synthetic_tokens(64, 257, eos_token_id=0).dtype == choose_dtype(257)
     with pytest.raises(ValueError, match="dtype uint8 cannot hold token ids up to 511"):
         choose_dtype(512, "uint8")
     with pytest.raises(ValueError, match="unknown dtype 'int16'"):

@@ -2,13 +2,13 @@
 
 Run-to-run noise on the attention shapes is ~15%, so every variant of one shape is
 timed in the same process, in interleaved rounds (variant A, B, C, then again in a
-rotated order), and the median of all timed calls is reported. On CUDA each call is
-bracketed by CUDA events; on CPU by ``time.perf_counter``.
+rotated order), and the median of all timed calls is reported. On CUDA a kernel's round is
+``triton.testing.do_bench`` (CUDA events around each call, L2 cache cleared before each);
+on CPU, where do_bench cannot run, calls are timed with ``time.perf_counter``.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,29 +38,34 @@ class Timing:
         return (max(self.samples_ms) - min(self.samples_ms)) / med if med > 0 else None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def describe_error(err: BaseException) -> str:
     """One short line for a failed variant (exception type and first line of its message)."""
     text = str(err).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(err).__name__}: {first[:200]}"
+    return f"{type(err).__name__}: {(text[0] if text else '')[:200]}"
 
 
-def _time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
-    """Times ``iters`` calls of ``fn`` one by one; returns milliseconds per call."""
+def time_calls(fn: Callable[[], object], device: torch.device, *, iters: int, min_ms: float = 0.0) -> list[float]:
+    """Milliseconds of at least ``iters`` calls of ``fn`` (on CUDA, with ``min_ms``: for at least that long).
+
+    Kernels (``min_ms > 0`` on CUDA) go through ``triton.testing.do_bench``; long calls such as
+    whole training steps are timed one by one with CUDA events, as do_bench's extra estimate
+    and warm-up calls would multiply their cost.
+    """
+    if device.type == "cuda" and min_ms > 0:
+        from triton.testing import do_bench
+
+        samples: list[float] = []
+        while len(samples) < iters:
+            samples += do_bench(fn, warmup=0, rep=min_ms, return_mode="all")
+        return samples
     if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            s.record()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
             fn()
-            e.record()
+            end.record()
         torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [start.elapsed_time(end) for start, end in events]
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -79,7 +84,6 @@ def warm_up_device(device: torch.device, seconds: float = 1.0) -> None:
         for _ in range(10):
             a @ a
         torch.cuda.synchronize(device)
-    del a
 
 
 def measure_interleaved(
@@ -90,39 +94,34 @@ def measure_interleaved(
     iters: int = 5,
     rounds: int = 3,
     min_round_ms: float = 0.0,
-    max_iters: int = 100,
 ) -> dict[str, Timing]:
     """Medians of every function in ``fns``, measured side by side.
 
     Each function is first called ``warmup`` times (compilation, autotuning, caches);
     a function that raises there is recorded with its error and left out. Then, for
-    ``rounds`` rounds, each remaining function is timed for ``iters`` calls (more, up
-    to ``max_iters``, when fewer would take less than ``min_round_ms``), the order
-    rotating by one every round so no variant always runs first or last.
+    ``rounds`` rounds, each remaining function is timed for at least ``iters`` calls
+    (and, on CUDA, at least ``min_round_ms``), the order rotating by one every round so
+    no variant always runs first or last.
     """
     results = {name: Timing() for name in fns}
-    n_calls = {name: iters for name in fns}
     live = []
     for name, fn in fns.items():
         try:
             for _ in range(warmup):
                 fn()
-            _sync(device)
-            if min_round_ms > 0:
-                estimate = statistics.median(_time_calls(fn, 2, device))
-                n_calls[name] = int(min(max_iters, max(iters, math.ceil(min_round_ms / max(estimate, 1e-3)))))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             live.append(name)
         except Exception as err:  # noqa: BLE001 - one failing variant must not stop the others
             results[name].error = describe_error(err)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for r in range(rounds):
-        order = live[r % len(live) :] + live[: r % len(live)] if live else []
-        for name in order:
+        for name in live[r % len(live):] + live[: r % len(live)] if live else []:
             if results[name].error is not None:
                 continue
             try:
-                results[name].samples_ms.extend(_time_calls(fns[name], n_calls[name], device))
+                results[name].samples_ms += time_calls(fns[name], device, iters=iters, min_ms=min_round_ms)
             except Exception as err:  # noqa: BLE001
                 results[name].error = describe_error(err)
     return results
@@ -135,8 +134,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     """
     if device.type != "cuda":
         return None
-    _sync(device)
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device))

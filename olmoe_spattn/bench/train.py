@@ -23,11 +23,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..api import BACKENDS
 from ..bands import PATTERNS, BandSpec
+
+if TYPE_CHECKING:  # torch loads when a benchmark runs, not for --help
+    import torch
 
 MODELS = ("olmoe-1b-7b", "olmoe-0.25b-1.75b", "tiny")
 #: --preset paper: (model, layers, seq_len, batch)
@@ -89,6 +91,8 @@ def _recipe(model: str, layers: int | None, seq_len: int | None, batch: int):
 
 
 def _train_step_fn(model, optim, ids: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    import torch
+
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(ids)  # [B, T, V]
@@ -104,6 +108,8 @@ def _train_step_fn(model, optim, ids: torch.Tensor, labels: torch.Tensor, device
 
 
 def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, device: torch.device):
+    import torch
+
     from ..api import band_attention
 
     B, T, H, D = setting.batch, setting.seq_len, setting.n_heads, setting.head_dim
@@ -132,6 +138,8 @@ def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, dev
 def _time_training_steps(config, setting: Setting, patterns: list[str], args: argparse.Namespace,
                          device: torch.device, vocab_size: int):
     """Medians of full training steps with each attention variant, one model switched in place."""
+    import torch
+
     from ..olmo.attention import set_model_attention
     from ..olmo.model import build_model
     from .timing import measure_interleaved
@@ -165,6 +173,8 @@ def _time_training_steps(config, setting: Setting, patterns: list[str], args: ar
 
 
 def bench_setting(setting: Setting, patterns: list[str], args: argparse.Namespace, device: torch.device) -> Setting:
+    import torch
+
     from .timing import measure_interleaved
 
     recipe = _recipe(setting.model, setting.layers, setting.seq_len, setting.batch)
@@ -239,7 +249,10 @@ def to_markdown(data: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .kernel import device_name, gpu_slug
+    import torch
+
+    from .kernel import device_name
+    from .report import gpu_slug
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]

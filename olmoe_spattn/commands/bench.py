@@ -3,6 +3,8 @@
   olmoe-spattn bench kernel [--quick] [--shapes 8,16,4096,128;...] [--patterns ...]
       band kernels (Triton, Flex, FlashAttention-4) vs dense cuDNN/flash SDPA, fwd and
       fwd+bwd, written to benchmarks/results/<gpu>/kernel_bench.{json,md,png}
+  olmoe-spattn bench sweep | decode | overhead
+      the Triton kernel alone: every launch configuration, decode steps, host-side costs
   olmoe-spattn bench train ...
       training-step throughput of OLMoE with band vs dense attention
 
@@ -14,55 +16,50 @@ from __future__ import annotations
 import argparse
 import importlib
 
-#: kind -> (module providing add_arguments/run, one-line help)
+#: kind -> (module providing add_arguments/run, one-line help); adding a kind is one line here
 KINDS: dict[str, tuple[str, str]] = {
     "kernel": ("olmoe_spattn.bench.kernel", "time band attention kernels side by side, per shape and pattern"),
+    "sweep": ("olmoe_spattn.bench.modes", "time every launch configuration of the Triton kernels"),
+    "decode": ("olmoe_spattn.bench.modes", "time decode steps (one query vs a KV cache) against SDPA"),
+    "overhead": ("olmoe_spattn.bench.modes", "split a small shape's time into host and kernel costs"),
     "train": ("olmoe_spattn.bench.train", "measure training-step throughput (tokens/s), band vs dense"),
 }
 
 
-def _load(kind: str):
-    """``(module, "")`` for ``kind``, or ``(None, why)`` when it cannot be imported here.
+def _load(parser: argparse.ArgumentParser, kind: str, module: str, help_text: str) -> None:
+    """Fills the chosen kind's parser; a kind whose module cannot be imported here becomes a
+    clear error when run, and the other kinds keep working."""
+    from ..cli import setup
 
-    Any import failure is caught, so one broken or missing benchmark never breaks the
-    whole command line (every subcommand's parser is built at start-up).
-    """
-    module, _ = KINDS[kind]
     try:
-        return importlib.import_module(module), ""
-    except ModuleNotFoundError as err:
-        if err.name is not None and module.startswith(err.name):
-            return None, f"module {module} is missing"
-        return None, f"{module} needs {err.name!r}, which is not installed"
-    except Exception as err:  # noqa: BLE001 - report, do not crash the CLI
-        return None, f"{module} failed to import ({type(err).__name__}: {err})"
+        mod = importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - report, do not crash the command line
+        if isinstance(err, ModuleNotFoundError) and err.name is not None and module.startswith(err.name):
+            why = f"module {module} is missing"
+        elif isinstance(err, ModuleNotFoundError):
+            why = f"{module} needs {err.name!r}, which is not installed"
+        else:
+            why = f"{module} failed to import ({type(err).__name__}: {err})"
+        parser.description = f"{help_text}. Not available here: {why}."
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        parser.set_defaults(_run=_unavailable(kind, why))
+        return
+    setup(parser, mod, help_text)
+
+
+def _unavailable(kind: str, why: str):
+    def run(args: argparse.Namespace) -> int:
+        raise ValueError(f"'bench {kind}' is not available in this installation: {why}")
+
+    return run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one sub-parser per benchmark kind (each kind's module is imported lazily)."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(dest="bench_kind", metavar="<kind>")
-    sub.required = True
-    for kind, (_module, help_text) in KINDS.items():
-        mod, why = _load(kind)
-        if mod is None:
-            p = sub.add_parser(kind, help=f"{help_text} (not available: {why})",
-                               description=f"{help_text}. Not available here: {why}.")
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(_bench_missing=why)
-            continue
-        p = sub.add_parser(kind, help=help_text, description=(mod.__doc__ or help_text).replace("``", "`").strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(_bench_missing=None)
+    """One sub-parser per benchmark kind; only the chosen kind's module is imported."""
+    from ..cli import lazy_subcommands
+
+    lazy_subcommands(parser, KINDS, _load, dest="bench_kind")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Dispatches to the chosen kind's ``run(args)``."""
-    missing = getattr(args, "_bench_missing", None)
-    if missing:
-        raise ValueError(f"'bench {args.bench_kind}' is not available in this installation: {missing}")
-    mod, why = _load(args.bench_kind)
-    if mod is None:
-        raise ValueError(f"'bench {args.bench_kind}' is not available in this installation: {why}")
-    return int(mod.run(args) or 0)
+def run(args: argparse.Namespace) -> int:  # pragma: no cover - each kind's parser sets its own run
+    raise ValueError("choose a benchmark kind")

@@ -27,14 +27,9 @@ from pathlib import Path
 from typing import Any
 
 
-def default_include_path() -> Path | None:
-    """The repo's ``eval/tasks`` (next to the package in a checkout, or under the cwd)."""
-    import olmoe_spattn
-
-    for root in (Path(olmoe_spattn.__file__).resolve().parents[1], Path.cwd()):
-        if (root / "eval" / "tasks").is_dir():
-            return root / "eval" / "tasks"
-    return None
+def default_include_path() -> Path:
+    """The lm-eval task files bundled with the package (a checkout's ``eval/tasks`` links here)."""
+    return Path(__file__).resolve().parents[1] / "eval_tasks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", default="1", help="lm-eval batch size (int or 'auto'; default 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="model dtype passed to transformers (default: auto)")
-    parser.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: repo eval/tasks)")
+    parser.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the bundled eval/tasks)")
     parser.add_argument("--name", default=None, help="row name in comparison tables (default: from the config)")
     parser.add_argument("--out", default=None, help="result JSON to write (default: eval-<name>.json)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_JSON", help="compare result files")
@@ -84,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a model directory (no config.json)")
     include = Path(args.include_path) if args.include_path else default_include_path()
-    if include is None or not include.is_dir():
+    if not include.is_dir():
         raise ValueError("cannot find the eval/tasks folder; pass --include-path PATH/TO/eval/tasks")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     passes = expand_tasks(args.tasks, args.num_fewshot)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.prepare import DTYPES
+from ..data import DTYPES
 
 
 def _positive_int(text: str) -> int:
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="token dtype; auto = smallest of uint16/uint32/uint64 that holds the vocabulary (default)",
+        help="token dtype; auto = the smallest that holds the vocabulary, as OLMo-core infers it (default)",
     )
     parser.add_argument(
         "--eos-token-id", type=_non_negative_int, default=None, help="EOS id appended to every document (default: the tokenizer's)"
@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-documents", type=_positive_int, default=None, help="stop after this many documents")
     parser.add_argument("--overwrite", action="store_true", help="replace .npy files already in the output directory")
     parser.add_argument(
-        "--progress-every", type=float, default=5.0, help="seconds between progress lines (default 5)"
+        "--progress-every", type=float, default=5.0,
+        help="seconds between progress-bar redraws (default 5; negative: no bar)"
     )
 
 

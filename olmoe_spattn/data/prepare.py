@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from . import DTYPES
 
 #: file-name endings read as JSON lines / Parquet
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
-#: dtype names accepted by ``--dtype`` ("auto" picks by vocab size)
-DTYPES: tuple[str, ...] = ("auto", "uint8", "uint16", "uint32", "uint64")
 MANIFEST_NAME = "prepare_data.json"
 
 Log = Callable[[str], None]
@@ -206,26 +207,27 @@ def load_tokenizer(name_or_path: str, *, eos_token_id: int | None = None) -> Tok
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
-    """The token dtype: ``requested``, or the smallest of uint16/32/64 holding ``vocab_size - 1``."""
+    """The token dtype: ``requested``, or (``auto``) the one OLMo-core infers for ``vocab_size``."""
     if requested not in DTYPES:
         raise ValueError(f"unknown dtype {requested!r}; allowed: {', '.join(DTYPES)}")
-    if requested != "auto":
-        dtype = np.dtype(requested)
-        if vocab_size - 1 > np.iinfo(dtype).max:
-            raise ValueError(
-                f"dtype {requested} cannot hold token ids up to {vocab_size - 1} (vocab_size={vocab_size})"
-            )
-        return dtype
-    for name in ("uint16", "uint32", "uint64"):
-        if vocab_size - 1 <= np.iinfo(name).max:
-            return np.dtype(name)
-    raise ValueError(f"vocab_size={vocab_size} is too large for any supported dtype")
+    if requested == "auto":
+        from .synthetic import token_dtype
+
+        return np.dtype(token_dtype(vocab_size))
+    dtype = np.dtype(requested)
+    if vocab_size - 1 > np.iinfo(dtype).max:
+        raise ValueError(f"dtype {requested} cannot hold token ids up to {vocab_size - 1} (vocab_size={vocab_size})")
+    return dtype
 
 
 # --------------------------------------------------------------------------------- writer
 class TokenFileWriter:
     """Appends EOS-terminated documents to ``part-NNNNN.npy`` files, starting a new file when
-    the next document would push the current one past ``max_tokens_per_file``."""
+    the next document would push the current one past ``max_tokens_per_file``.
+
+    Streaming, unlike OLMo-core's ``memmap_to_write`` (which needs the final size up front), and
+    writing document boundaries as they are known, unlike ``write_document_indices`` (which splits
+    at every EOS id, wrong for a document whose text encodes the EOS token)."""
 
     def __init__(self, out_dir: Path, dtype: np.dtype, max_tokens_per_file: int, prefix: str = "part"):
         self.out_dir = out_dir
@@ -320,8 +322,9 @@ def prepare_data(
     """Tokenizes every document of ``inputs`` into OLMo-core numpy token files in ``output_dir``.
 
     Each document becomes ``tokenize(text) + [EOS]``; empty (whitespace-only) documents are
-    skipped and counted. Progress lines (documents, tokens, tokens/s) go to ``log`` every
-    ``progress_every`` seconds. Raises ``ValueError`` for bad inputs or settings; on error no
+    skipped and counted. A progress bar (input bytes, documents, tokens) redraws at most every
+    ``progress_every`` seconds (negative: no bar); the start and summary lines go to ``log``.
+    Raises ``ValueError`` for bad inputs or settings; on error no
     finished-looking file is left for the failed part.
     """
     for name, value in (("max_tokens_per_file", max_tokens_per_file), ("batch_size", batch_size)):
@@ -351,8 +354,11 @@ def prepare_data(
     writer = TokenFileWriter(out, np_dtype, max_tokens_per_file)
     eos = np.array([tok.eos_token_id], dtype=np.int64)
     n_docs = n_tokens = n_empty = 0
-    start = last_report = time.perf_counter()
+    start = time.perf_counter()
     max_id = int(np.iinfo(np_dtype).max)
+    # progress: input bytes done (whole files) of the total, with live document/token counts
+    bar = tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="prepare-data",
+               mininterval=progress_every, disable=progress_every < 0)
 
     def flush(batch: list[str]) -> None:
         nonlocal n_docs, n_tokens
@@ -363,6 +369,7 @@ def prepare_data(
             writer.write(arr)
             n_docs += 1
             n_tokens += int(arr.size)
+        bar.set_postfix(docs=n_docs, tokens=n_tokens, files=len(writer.files), refresh=False)
 
     try:
         batch: list[str] = []
@@ -379,14 +386,8 @@ def prepare_data(
                 if len(batch) >= batch_size:
                     flush(batch)
                     batch = []
-                    now = time.perf_counter()
-                    if now - last_report >= progress_every:
-                        last_report = now
-                        elapsed = now - start
-                        log(
-                            f"  {n_docs:,} docs | {n_tokens:,} tokens | {n_tokens / elapsed:,.0f} tokens/s "
-                            f"| {len(writer.files)} file(s) | {path.name}"
-                        )
+                    bar.update(0)  # lets tqdm redraw the counts at its own pace
+            bar.update(path.stat().st_size)
             if done:
                 break
         if batch:
@@ -394,6 +395,8 @@ def prepare_data(
     except BaseException:
         writer.abort()
         raise
+    finally:
+        bar.close()
     written = writer.close()
     seconds = time.perf_counter() - start
     if n_docs == 0:

@@ -13,11 +13,12 @@ import numpy as np
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest unsigned dtype OLMo-core would infer for ``vocab_size``."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return dtype
-    return np.uint64
+    """The token dtype OLMo-core infers for ``vocab_size`` (``NumpyDatasetConfig.get_dtype``, the
+    smallest of uint8..uint64), so files written here read back right when a recipe sets no dtype."""
+    from olmo_core.data import NumpyFSLDatasetConfig, TokenizerConfig
+
+    tokenizer = TokenizerConfig(vocab_size=vocab_size, eos_token_id=0, pad_token_id=0)
+    return NumpyFSLDatasetConfig(tokenizer=tokenizer, sequence_length=1, paths=[]).get_dtype()
 
 
 def synthetic_tokens(
@@ -63,10 +64,9 @@ def write_synthetic_tokens(
     seed: int = 0,
 ) -> Path:
     """Writes :func:`synthetic_tokens` to ``path`` (creating parent folders); returns the path."""
+    from olmo_core.data.utils import write_array_to_disk
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokens = synthetic_tokens(n_tokens, vocab_size, eos_token_id=eos_token_id, seed=seed)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tokens.tofile(tmp)
-    tmp.replace(path)  # atomic: concurrent ranks never read a half-written file
+    write_array_to_disk(tokens, path)  # OLMo-core's writer: temp file, then an atomic rename
     return path

@@ -16,6 +16,7 @@ with the experiment ``config.json`` beside it). ``from-hf`` writes the unsharded
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_olmoe_spattn.OlmoeSpattnModel",
     "AutoModelForCausalLM": "modeling_olmoe_spattn.OlmoeSpattnForCausalLM",
 }
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -279,7 +282,13 @@ def convert_to_hf(
     ``generate`` assume); default: the experiment's ``dataset.sequence_length``, else the
     partition length, else 4096.
     """
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc="convert to-hf", unit="step", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+    bar.set_postfix_str("loading checkpoint")
     ckpt = load_olmo_core_checkpoint(checkpoint, config_path=config_path)
+    bar.update()
+    bar.set_postfix_str("renaming weights")
     tok_cfg, seq_len = experiment_tokenizer_and_length(ckpt.experiment)
     ids = {f"{r}_token_id": tok_cfg.get(f"{r}_token_id") for r in ("bos", "eos", "pad")}
     spec = band_spec_of_model_config(ckpt.model_config)
@@ -290,12 +299,18 @@ def convert_to_hf(
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
         hf_config.dtype = str(dtype).removeprefix("torch.")
+    bar.update()
+    bar.set_postfix_str("writing safetensors")
     out = write_hf_dir(out_dir, hf_config, state)
+    bar.update()
+    bar.set_postfix_str("tokenizer")
     source = _tokenizer_source(tokenizer, ckpt.source_dir, tok_cfg.get("identifier"))
     if source is not None:
         save_tokenizer(source, out, ids)
     else:
-        print(f"note: no tokenizer files found for {checkpoint}; pass --tokenizer to include them")
+        log.warning("no tokenizer files found for %s; pass --tokenizer to include them", checkpoint)
+    bar.update()
+    bar.close()
     return out
 
 

@@ -57,7 +57,7 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode.
 
-    Picked from per-kernel sweeps on an H100 (bf16; benchmarks/scratch_bench.py --sweep).
+    Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`).
     """
     if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
         return LaunchConfig(16, 16, 4, 1)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 #: recipes bundled with the package (a checkout's top-level configs/ links here)
-BUNDLED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..olmo.recipe import load_recipe
 
-    recipe = load_recipe(bundled_recipe(args.config), args.overrides)
+    recipe = load_recipe(args.config, args.overrides)
     from ..olmo.train import describe, train
 
     if args.dry_run:
@@ -62,14 +60,6 @@ def run(args: argparse.Namespace) -> int:
             parts.append(f"{tps:,.0f} tokens/s/device (median of logged steps)")
         print("finished: " + ", ".join(parts) + f"; checkpoints in {recipe.train.save_folder}")
     return 0
-
-
-def bundled_recipe(config: str) -> str:
-    """``config`` itself when it is a file, else the bundled recipe of that name if there is one
-    (so ``train olmoe-1b-7b`` works from an installed wheel, away from any checkout)."""
-    name = Path(config).name if config.endswith((".yaml", ".yml")) else f"{config}.yaml"
-    bundled = BUNDLED_RECIPES / name
-    return str(bundled) if not Path(config).exists() and "/" not in config and bundled.is_file() else config
 
 
 def _median_tokens_per_second(save_folder: str) -> float | None:

@@ -31,7 +31,7 @@ import yaml
 from ..api import BACKENDS
 from ..bands import DYNAMIC, PATTERNS
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped as package data
 
 
 @dataclass

@@ -18,6 +18,8 @@ import importlib
 KINDS: dict[str, tuple[str, str]] = {
     "kernel": ("olmoe_spattn.bench.kernel", "time band attention kernels side by side, per shape and pattern"),
     "train": ("olmoe_spattn.bench.train", "measure training-step throughput (tokens/s), band vs dense"),
+    "table2": ("olmoe_spattn.bench.table2", "the paper's Table 2 training throughput vs dense and sparse baselines"),
+    "quality": ("olmoe_spattn.bench.quality", "train one small model per attention variant on local text; held-out loss"),
 }
 
 

@@ -142,3 +142,57 @@ def set_attention_core(model: torch.nn.Module, fn: AttnFn) -> int:
             fn, head_dim=old.head_dim, n_heads=old.n_heads, n_kv_heads=old.n_kv_heads, scale=old.scale
         )
     return len(layers)
+
+
+# ---------------------------------------------------------------- checkpoints
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "model_config.json"
+
+
+def save_small_model(out_dir, model: torch.nn.Module, shape: ModelShape, attention: str,
+                     partition_len: int, extra: dict | None = None):
+    """Writes ``model.safetensors`` (weights only: loading never runs code) and
+    ``model_config.json`` (shape, attention, partition length, ``extra``) under ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / CHECKPOINT_WEIGHTS))
+    meta = {"shape": shape.to_dict(), "attention": attention, "partition_len": partition_len, **(extra or {})}
+    (out / CHECKPOINT_CONFIG).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_small_model(ckpt_dir, device: torch.device | str = "cpu", backend: str = "auto"):
+    """Inverse of :func:`save_small_model`: ``(model, meta)`` with the saved attention.
+
+    Raises ``ValueError`` when the folder lacks either file or the weights do not fit.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..olmo.model import build_model, with_attention
+
+    path = Path(ckpt_dir)
+    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} is not a small-model checkpoint: {name} is missing "
+                             "(checkpoints are written by 'olmoe-spattn bench quality')")
+    meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
+    shape = ModelShape(**meta["shape"])
+    config = with_attention(table2_config(shape), meta["attention"], partition_len=meta["partition_len"],
+                            backend=backend if meta["attention"] != "dense" else None)
+    model = build_model(config, device, init_weights=False)
+    state = load_file(str(path / CHECKPOINT_WEIGHTS), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.eval()
+    return model, meta

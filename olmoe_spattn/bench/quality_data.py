@@ -1,11 +1,13 @@
 """Offline training text for the quality study: a corpus of local files, a BPE tokenizer
 trained on it, and flat token arrays for training and held-out evaluation.
 
-Default corpus: the Python standard library's own source files (``*.py`` under
-``sysconfig.get_paths()["stdlib"]``, without ``site-packages`` and test folders): real,
-varied text (code, docstrings, comments) present on every machine with Python, no network
-needed. ``--corpus`` takes any files or folders instead (``.txt``, ``.md``, ``.rst``,
-``.py`` and gzip-compressed versions of them).
+Default corpus: the Python standard library's own files (``*.py``, ``*.txt``, ``*.rst``
+under ``sysconfig.get_paths()["stdlib"]``, without ``site-packages``): real, varied text
+(code, docstrings, comments) present on every machine with Python; plus, where it exists,
+``/usr/share/doc`` (Debian package READMEs, changelogs, copyright notices, mostly
+gzip-compressed). No network needed. ``--corpus`` takes any files or folders instead
+(``.txt``, ``.md``, ``.rst``, ``.py``, README/NEWS/changelog/copyright files, each
+optionally ``.gz``). Identical documents are kept once.
 
 Held-out documents are chosen by a stable hash of their path, so the split does not depend
 on the order files are found in, and no document is in both splits.
@@ -25,20 +27,28 @@ from pathlib import Path
 import numpy as np
 
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".md", ".rst", ".py")
-SKIP_DIRS: frozenset[str] = frozenset({"site-packages", "test", "tests", "__pycache__", "idle_test"})
+SKIP_DIRS: frozenset[str] = frozenset({"site-packages", "__pycache__"})
 MAX_FILE_BYTES = 4 * 2**20  # larger files are skipped (generated tables, data dumps)
 #: the tokenizer is trained on at most this many characters of the training split
 TOKENIZER_TRAIN_CHARS = 30_000_000
 
 
 def default_corpus() -> list[Path]:
-    """The Python standard library folder (the default corpus)."""
-    return [Path(sysconfig.get_paths()["stdlib"])]
+    """The default corpus: the Python standard library folder, and ``/usr/share/doc`` where
+    it exists (Debian/Ubuntu package documentation, much of it gzip-compressed)."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    if Path("/usr/share/doc").is_dir():
+        roots.append(Path("/usr/share/doc"))
+    return roots
+
+
+#: files without a text suffix that are still plain text (Debian package docs)
+TEXT_NAME_PREFIXES: tuple[str, ...] = ("readme", "news", "changelog", "changes", "copyright")
 
 
 def _is_text_file(path: Path) -> bool:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix in TEXT_SUFFIXES
+    return Path(name).suffix in TEXT_SUFFIXES or name.lower().startswith(TEXT_NAME_PREFIXES)
 
 
 def collect_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -114,8 +124,8 @@ def _encode(tokenizer, texts: Iterable[str], eos_id: int) -> np.ndarray:
     batch: list[str] = []
 
     def flush() -> None:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            out.append(np.asarray([*ids, eos_id], dtype=np.int32))
+        for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
+            out.append(np.asarray([*enc.ids, eos_id], dtype=np.int32))
         batch.clear()
 
     for text in texts:
@@ -147,7 +157,15 @@ def prepare_corpus(paths: Sequence[str | Path] | None, work_dir: str | Path, *, 
         log(f"corpus: reusing tokens in {cache}")
         return Corpus(np.load(cache / "train.npy"), np.load(cache / "heldout.npy"), desc["vocab_size"],
                       tok_dir, desc)
-    texts = {f: read_text(f) for f in files}
+    texts, seen = {}, set()
+    for f in files:  # identical documents (licence texts, copies) are kept once
+        text = read_text(f)
+        digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
+        if text.strip() and digest not in seen:
+            seen.add(digest)
+            texts[f] = text
+    train_files = [f for f in train_files if f in texts]
+    held_files = [f for f in held_files if f in texts]
     train_texts = [texts[f] for f in train_files]
     held_texts = [texts[f] for f in held_files]
     if not held_texts:  # a single file: its last lines are held out
@@ -167,10 +185,10 @@ def prepare_corpus(paths: Sequence[str | Path] | None, work_dir: str | Path, *, 
             yield t
 
     build_tiny_tokenizer(tok_dir, vocab_size=vocab_size, texts=tokenizer_texts())
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
 
-    tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    eos_id = tok.convert_tokens_to_ids(EOS_TOKEN)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos_id = tok.token_to_id(EOS_TOKEN)
     train = _encode(tok, train_texts, eos_id)
     held = _encode(tok, held_texts, eos_id)
     desc = {
@@ -181,12 +199,12 @@ def prepare_corpus(paths: Sequence[str | Path] | None, work_dir: str | Path, *, 
         "n_heldout_files": len(held_files),
         "train_tokens": int(train.size),
         "heldout_tokens": int(held.size),
-        "vocab_size": len(tok),
+        "vocab_size": tok.get_vocab_size(),
         "heldout_percent": heldout_percent,
     }
     cache.mkdir(parents=True, exist_ok=True)
     np.save(cache / "train.npy", train)
     np.save(cache / "heldout.npy", held)
     manifest.write_text(json.dumps(desc, indent=2))
-    log(f"corpus: {train.size:,} training tokens, {held.size:,} held-out tokens (vocab {len(tok)})")
-    return Corpus(train, held, len(tok), tok_dir, desc)
+    log(f"corpus: {train.size:,} training tokens, {held.size:,} held-out tokens (vocab {tok.get_vocab_size()})")
+    return Corpus(train, held, tok.get_vocab_size(), tok_dir, desc)

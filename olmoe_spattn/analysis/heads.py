@@ -91,7 +91,9 @@ def _layer_mask(layer, seq_len: int) -> torch.Tensor:
 @torch.no_grad()
 def analyze_model(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
     """Runs ``ids`` (int ``[1, T]``) through ``model`` and returns one dict per attention
-    layer: ``entropy``, ``entropy_max``, ``mean_distance`` (lists over heads) and ``diversity``."""
+    layer: ``entropy``, ``entropy_max``, ``mean_distance`` (lists over heads), ``diversity``,
+    and ``recompute_error``: the largest difference between the layer's own output and the
+    float64 probabilities times ``v`` (small when the statistics describe what the layer did)."""
     from ..bench.paper_model import attention_layers
 
     if ids.dim() != 2 or ids.shape[0] != 1:
@@ -106,7 +108,7 @@ def analyze_model(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
         def forward(qkv, *args, **kwargs):
             out = inner(qkv, *args, **kwargs)
             q, k, v = qkv
-            records[i] = (q[0].detach().float().cpu(), k[0].detach().float().cpu(), out[0].detach().float().cpu())
+            records[i] = tuple(x[0].detach().float().cpu() for x in (q, k, v, out))
             return out
 
         return forward
@@ -122,18 +124,20 @@ def analyze_model(model: torch.nn.Module, ids: torch.Tensor) -> list[dict]:
     seq_len = ids.shape[1]
     results = []
     for i, lay in enumerate(layers):
-        q, k, out = records[i]  # [T, H, D], [T, Hkv, D], [T, H, D]
+        q, k, v, out = records[i]  # [T, H, D], [T, Hkv, D], [T, Hkv, D], [T, H, D]
         n_heads, group = q.shape[1], q.shape[1] // k.shape[1]
         scale = lay.backend.scale if lay.backend.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         mask = _layer_mask(lay, seq_len)  # [H, T, T]
-        ent, ent_max, dist = [], [], []
+        ent, ent_max, dist, err = [], [], [], 0.0
         for h in range(n_heads):
             probs = attention_probs(q[:, h], k[:, h // group], mask[h], scale)  # [T, T]
             ent.append(float(attention_entropy(probs)))
             ent_max.append(float(max_entropy(mask[h])))
             dist.append(float(mean_distance(probs)))
+            recomputed = probs @ v[:, h // group].double()  # [T, D]
+            err = max(err, float((recomputed - out[:, h].double()).abs().max()))
         results.append({"layer": i, "entropy": ent, "entropy_max": ent_max, "mean_distance": dist,
-                        "diversity": head_diversity(out)})
+                        "diversity": head_diversity(out), "recompute_error": err})
     return results
 
 
@@ -145,7 +149,8 @@ def summarize(layers: list[dict]) -> dict[str, float]:
 
     return {"entropy": mean("entropy"), "entropy_max": mean("entropy_max"),
             "mean_distance": mean("mean_distance"),
-            "diversity": sum(lay["diversity"] for lay in layers) / len(layers)}
+            "diversity": sum(lay["diversity"] for lay in layers) / len(layers),
+            "recompute_error": max(lay.get("recompute_error", 0.0) for lay in layers)}
 
 
 def plot_heads(layers: list[dict], path: str | Path, title: str) -> Path:

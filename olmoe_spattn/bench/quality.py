@@ -185,7 +185,7 @@ def train_variant(variant: str, seq_len: int, corpus, args: argparse.Namespace, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        train_losses.append(float(loss))
+        train_losses.append(float(loss.detach()))
         if (step + 1) % p["eval_every"] == 0 or step + 1 == p["steps"]:
             held = evaluate()
             curve.append({"step": step + 1, "tokens": (step + 1) * p["batch"] * seq_len, "heldout_loss": held,

@@ -178,6 +178,20 @@ def test_quality_loop_writes_curves_table_and_checkpoints(quality_run):
     assert (quality_run / "quality_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quality_keeps_earlier_runs_of_the_same_study(quality_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(quality_run, out)
+    corpus = json.loads((out / "quality.json").read_text())["corpus"]["roots"]
+    argv = ["bench", "quality", "--tiny", "--corpus", *corpus, "--out", str(out), "--variants", "sliding_window",
+            "--heads", "4", "--vocab-size", "300"]
+    assert main(argv) == 0
+    runs = json.loads((out / "quality.json").read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["dense", "exclusive_bands", "sliding_window"]
+    assert "| sliding_window |" in (out / "quality.md").read_text()
+
+
 def test_analyze_heads_on_dense_and_band_checkpoints(quality_run, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("sparse attention heads look at bands of distance in the model layer\n" * 8)

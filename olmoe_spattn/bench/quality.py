@@ -18,7 +18,7 @@ model_config.json, readable by `olmoe-spattn analyze heads`).
 
 Examples:
   olmoe-spattn bench quality --seq-lens 1024,4096 --tokens 20000000
-  olmoe-spattn bench quality --tiny --corpus docs/ --out /tmp/q     # CPU smoke run
+  olmoe-spattn bench quality --tiny --corpus README.md docs/ --out /tmp/q   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=None, help="heads (default 8; --tiny: 4)")
     parser.add_argument("--backend", default="auto", help="band_attention backend (default auto: Triton on CUDA)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, seq 32, 3 steps")
-    parser.add_argument("--out", default="quality_study", help="output folder (default ./quality_study)")
+    parser.add_argument("--out", default="runs/quality", help="output folder (default runs/quality); runs of other "
+                        "lengths or variants already in its quality.json are kept when corpus and model match")
     parser.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch order (default 0)")
 
@@ -295,6 +296,21 @@ def write_outputs(data: dict, out: Path) -> None:
     plot(data, out / "quality_loss.png")
 
 
+def _earlier_runs(path: Path, data: dict, args: argparse.Namespace) -> list[dict]:
+    """Runs in an existing ``quality.json`` with the same corpus, model and learning rate that
+    this invocation does not redo (so lengths can be trained in separate invocations)."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    shape = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads}
+    same = old.get("corpus") == data["corpus"] and old.get("lr") == data["lr"] and all(
+        {k: r["shape"][k] for k in shape} == shape for r in old.get("runs", []))
+    if not same:
+        return []
+    redo = {(s, v) for s in args.seq_lens for v in args.variants}
+    return [r for r in old.get("runs", []) if (r["seq_len"], r["variant"]) not in redo]
+
+
 def run(args: argparse.Namespace) -> int:
     """Prepares the corpus, trains every (sequence length, variant), writes results as it goes."""
     import sys
@@ -318,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         "tokenizer": str(corpus.tokenizer_dir),
         "runs": [],
     }
+    data["runs"] = _earlier_runs(out / "quality.json", data, args)
     for seq_len in args.seq_lens:
         p = plan(args, seq_len)
         print(f"bench quality: seq {seq_len}: {p['steps']} steps x batch {p['batch']} per variant", flush=True)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tokenizer folder (default: the one recorded in the checkpoint)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="tokens analysed (default: the checkpoint's partition length)")
-    p.add_argument("--out", default="head_analysis", help="output folder (default ./head_analysis)")
+    p.add_argument("--out", default="runs/head_analysis", help="output folder (default runs/head_analysis)")
     p.add_argument("--device", default="cpu", help="device (default cpu; float64 statistics are computed on CPU)")
 
 

@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated attention variants (default {','.join(VARIANTS)})")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per variant (default 20M; --tiny: 3 steps)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 32768; --tiny: 2 sequences)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=6e-4, help="peak learning rate, AdamW (default 6e-4)")
     parser.add_argument("--warmup-fraction", type=float, default=0.05, help="linear warm-up share of the steps (default 0.05)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: 20 points)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per evaluation (default 262144; --tiny: 2 sequences)")
@@ -191,8 +191,9 @@ def train_variant(variant: str, seq_len: int, corpus, args: argparse.Namespace, 
             held = evaluate()
             curve.append({"step": step + 1, "tokens": (step + 1) * p["batch"] * seq_len, "heldout_loss": held,
                           "train_loss": sum(train_losses[-p["eval_every"]:]) / len(train_losses[-p["eval_every"]:])})
+            elapsed = time.perf_counter() - t0
             log(f"  {variant:<16} seq {seq_len} step {step + 1}/{p['steps']} held-out loss {held:.4f} "
-                f"({time.perf_counter() - t0:.0f}s)")
+                f"({elapsed:.0f}s, {(step + 1) * p['batch'] * seq_len / elapsed:,.0f} tokens/s incl. evals)")
     return {"variant": variant, "seq_len": seq_len, **p, "shape": shape.to_dict(), "curve": curve,
             "final_heldout_loss": curve[-1]["heldout_loss"], "seconds": time.perf_counter() - t0, "model": model}
 

@@ -4,10 +4,10 @@ trained on it, and flat token arrays for training and held-out evaluation.
 Default corpus: the Python standard library's own files (``*.py``, ``*.txt``, ``*.rst``
 under ``sysconfig.get_paths()["stdlib"]``, without ``site-packages``): real, varied text
 (code, docstrings, comments) present on every machine with Python; plus, where it exists,
-``/usr/share/doc`` (Debian package READMEs, changelogs, copyright notices, mostly
-gzip-compressed). No network needed. ``--corpus`` takes any files or folders instead
-(``.txt``, ``.md``, ``.rst``, ``.py``, README/NEWS/changelog/copyright files, each
-optionally ``.gz``). Identical documents are kept once.
+``/usr/share/doc`` (Debian package documentation: READMEs, NEWS, Markdown and text files,
+many gzip-compressed; changelogs and licence files are left out as repetitive). No network
+needed. ``--corpus`` takes any files or folders instead (``.txt``, ``.md``, ``.rst``,
+``.py``, README and NEWS files, each optionally ``.gz``). Identical documents are kept once.
 
 Held-out documents are chosen by a stable hash of their path, so the split does not depend
 on the order files are found in, and no document is in both splits.
@@ -43,7 +43,7 @@ def default_corpus() -> list[Path]:
 
 
 #: files without a text suffix that are still plain text (Debian package docs)
-TEXT_NAME_PREFIXES: tuple[str, ...] = ("readme", "news", "changelog", "changes", "copyright")
+TEXT_NAME_PREFIXES: tuple[str, ...] = ("readme", "news")
 
 
 def _is_text_file(path: Path) -> bool:

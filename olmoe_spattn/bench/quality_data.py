@@ -30,7 +30,7 @@ TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".md", ".rst", ".py")
 SKIP_DIRS: frozenset[str] = frozenset({"site-packages", "__pycache__"})
 MAX_FILE_BYTES = 4 * 2**20  # larger files are skipped (generated tables, data dumps)
 #: the tokenizer is trained on at most this many characters of the training split
-TOKENIZER_TRAIN_CHARS = 30_000_000
+TOKENIZER_TRAIN_CHARS = 10_000_000
 
 
 def default_corpus() -> list[Path]:

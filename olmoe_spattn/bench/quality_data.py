@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import sysconfig
 import zlib
 from collections.abc import Iterable, Sequence
@@ -177,12 +178,16 @@ def prepare_corpus(paths: Sequence[str | Path] | None, work_dir: str | Path, *, 
         f"{n_chars / 1e6:.1f}M training characters; training a {vocab_size}-token BPE tokenizer ...")
 
     def tokenizer_texts() -> Iterable[str]:
+        """Training documents in a fixed shuffled order (so every part of the corpus is
+        sampled), up to :data:`TOKENIZER_TRAIN_CHARS` characters."""
+        order = list(range(len(train_texts)))
+        random.Random(0).shuffle(order)
         used = 0
-        for t in train_texts:
+        for i in order:
             if used >= TOKENIZER_TRAIN_CHARS:
                 return
-            used += len(t)
-            yield t
+            used += len(train_texts[i])
+            yield train_texts[i]
 
     build_tiny_tokenizer(tok_dir, vocab_size=vocab_size, texts=tokenizer_texts())
     from tokenizers import Tokenizer

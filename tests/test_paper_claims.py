@@ -167,7 +167,10 @@ def quality_run(tmp_path_factory):
 def test_quality_loop_writes_curves_table_and_checkpoints(quality_run):
     data = json.loads((quality_run / "quality.json").read_text())
     assert [r["variant"] for r in data["runs"]] == ["dense", "exclusive_bands"]
-    assert data["corpus"]["n_files"] == 8
+    corpus = data["corpus"]
+    assert corpus["n_files"] == 8  # six documents, a copy of one, a gzipped one
+    assert corpus["n_train_files"] + corpus["n_heldout_files"] == 7  # the copy is kept once
+    assert corpus["n_heldout_files"] >= 1 and corpus["heldout_tokens"] > 0
     for r in data["runs"]:
         assert r["steps"] == 3 and len(r["curve"]) == 3
         assert all(math.isfinite(p["heldout_loss"]) and p["heldout_loss"] > 0 for p in r["curve"])

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toggle": ("toggle", "switch a recipe between dense and band attention"),
     "convert": ("convert", "convert checkpoints between OLMo-core and Hugging Face formats"),
     "eval": ("eval", "evaluate a Hugging Face model directory with lm-eval"),
+    "analyze": ("analyze", "analyse trained models (per-head attention statistics)"),
 }
 
 

@@ -38,14 +38,58 @@ def coverage_summary(spec: BandSpec, seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def draw_pattern(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4) -> Path:
-    """Writes a PNG grid, one panel per head: allowed (query, key) cells in colour."""
+#: the most pixels per side a panel is drawn with; larger masks are max-pooled (thin bands stay visible)
+MAX_PANEL_PIXELS = 256
+#: ablation figure: one panel per pattern, in this order
+ABLATION_PATTERNS: tuple[str, ...] = ("dense", "spattention", "exclusive_bands", "gapped_bands", "sliding_window")
+
+
+def _panel_image(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[T, T]`` -> uint8 image of at most :data:`MAX_PANEL_PIXELS` per side (max-pooled)."""
+    t = mask.shape[-1]
+    factor = -(-t // MAX_PANEL_PIXELS)  # ceil
+    img = mask.float()[None, None]  # [1, 1, T, T]
+    if factor > 1:
+        img = torch.nn.functional.max_pool2d(img, factor, ceil_mode=True)
+    return img[0, 0].to(torch.uint8)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mask = spec.mask(seq_len).to(torch.uint8)  # [H, T, T]
+    return plt
+
+
+def _panel(ax, mask: torch.Tensor, title: str, seq_len: int, *, ylabel: bool, xlabel: bool) -> None:
+    ax.imshow(_panel_image(mask).numpy(), cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest",
+              extent=(0, seq_len, seq_len, 0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    if ylabel:
+        ax.set_ylabel("query i", fontsize=7)
+    if xlabel:
+        ax.set_xlabel("key j", fontsize=7)
+
+
+def _save(fig, out: str | Path, dpi: int = 110) -> tuple[Path, int]:
+    """Saves and closes ``fig``; returns the path and the number of drawn panels."""
+    panels = sum(1 for ax in fig.axes if ax.axison)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path, panels
+
+
+def draw_heads(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4,
+               title: str | None = None) -> tuple[Path, int]:
+    """Writes a PNG grid, one panel per head (allowed cells in colour); returns (path, panels)."""
+    plt = _pyplot()
+    mask = spec.mask(seq_len)  # [H, T, T]
     heads = spec.n_heads
     cols = min(heads, max_cols)
     rows = (heads + cols - 1) // cols
@@ -53,23 +97,53 @@ def draw_pattern(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 
     widths, starts = spec.widths(seq_len), spec.starts(seq_len)
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
-        ax.set_xticks([])
-        ax.set_yticks([])
         if h >= heads:
             ax.axis("off")
             continue
-        ax.imshow(mask[h].numpy(), cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
-        ax.set_title(f"head {h}: W={widths[h]} S={starts[h]}", fontsize=8)
-        if h % cols == 0:
-            ax.set_ylabel("query i", fontsize=7)
-        if h // cols == rows - 1:
-            ax.set_xlabel("key j", fontsize=7)
-    fig.suptitle(
-        f"{spec.pattern}: H={heads}, partition_len={spec.partition_len}, T={seq_len}", fontsize=10
-    )
+        _panel(ax, mask[h], f"head {h}: W={widths[h]} S={starts[h]}", seq_len,
+               ylabel=h % cols == 0, xlabel=h // cols == rows - 1)
+    fig.suptitle(title or f"{spec.pattern}: H={heads}, partition_len={spec.partition_len}, T={seq_len}",
+                 fontsize=10)
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out)
+
+
+def draw_pattern(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4) -> Path:
+    """Writes a PNG grid, one panel per head: allowed (query, key) cells in colour."""
+    return draw_heads(spec, seq_len, out, max_cols)[0]
+
+
+def draw_patterns(patterns: list[str], n_heads: int, seq_len: int, head: int, out: str | Path,
+                  title: str | None = None) -> tuple[Path, int]:
+    """Writes one panel per pattern, each showing head ``head`` (like the paper's Figure 2);
+    returns (path, panels)."""
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head must be in [0, {n_heads - 1}], got {head}")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(patterns), figsize=(2.5 * len(patterns), 2.9), squeeze=False)
+    for i, pattern in enumerate(patterns):
+        spec = BandSpec(pattern, n_heads, seq_len)
+        mask = spec.mask(seq_len, head_offset=head, n_local_heads=1)[0]  # [T, T]
+        _panel(axes[0][i], mask, f"({chr(97 + i)}) {pattern}", seq_len, ylabel=i == 0, xlabel=True)
+    fig.suptitle(title or f"head {head} of H={n_heads}, N=T={seq_len}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def paper_figures(out_dir: str | Path, n_heads: int = 8, seq_len: int = 1024) -> dict[str, tuple[Path, int]]:
+    """The paper's Figure 1 (``exclusive_bands``, Eq. 4: one panel per head), the same for
+    ``spattention`` (the authors' released default), and the ablation panels (one per pattern,
+    head ``n_heads // 2``), as PNGs under ``out_dir``; returns ``{name: (path, panels)}``."""
+    out = Path(out_dir)
+    figs = {}
+    for pattern in ("exclusive_bands", "spattention"):
+        name = f"figure1-{pattern.replace('_', '-')}-{n_heads}-heads-{seq_len}"
+        figs[name] = draw_heads(
+            BandSpec(pattern, n_heads, seq_len), seq_len, out / f"{name}.png",
+            title=f"{pattern}: each head's allowed (query, key) cells, H={n_heads}, N={seq_len}",
+        )
+    head = n_heads // 2
+    name = f"ablation-patterns-head{head}-{seq_len}"
+    figs[name] = draw_patterns(list(ABLATION_PATTERNS), n_heads, seq_len, head, out / f"{name}.png",
+                               title=f"one head (h={head} of {n_heads}) per pattern, N={seq_len}")
+    return figs

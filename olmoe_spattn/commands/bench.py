@@ -23,6 +23,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "decode": ("olmoe_spattn.bench.modes", "time decode steps (one query vs a KV cache) against SDPA"),
     "overhead": ("olmoe_spattn.bench.modes", "split a small shape's time into host and kernel costs"),
     "train": ("olmoe_spattn.bench.train", "measure training-step throughput (tokens/s), band vs dense"),
+    "table2": ("olmoe_spattn.bench.table2", "the paper's Table 2 training throughput vs dense and sparse baselines"),
+    "quality": ("olmoe_spattn.bench.quality", "train one small model per attention variant on local text; held-out loss"),
 }
 
 

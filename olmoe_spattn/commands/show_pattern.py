@@ -2,7 +2,10 @@
 summary: band width, start, allowed distances, covered pairs and empty rows per head,
 and how much of the causal triangle the heads cover together.
 
-Example: olmoe-spattn show-pattern --pattern spattention --heads 8 --seq-len 64 --out p.png
+Examples:
+  olmoe-spattn show-pattern --pattern spattention --heads 8 --seq-len 64 --out p.png
+  olmoe-spattn show-pattern --panels patterns --head 4 --seq-len 1024 --out ablation.png
+  olmoe-spattn show-pattern --paper-figures docs/   # the paper's Figure 1 and ablation panels
 """
 
 from __future__ import annotations
@@ -32,18 +35,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="partition length N: an integer >= heads, or 'dynamic' (default: the sequence length)",
     )
     parser.add_argument("--out", default=None, help="PNG file to write (omit for the text summary only)")
+    parser.add_argument("--panels", choices=("heads", "patterns"), default="heads",
+                        help="one panel per head of --pattern (default), or one per pattern for --head")
+    parser.add_argument("--head", type=int, default=None, help="head drawn by --panels patterns (default heads // 2)")
+    parser.add_argument("--paper-figures", metavar="DIR", default=None,
+                        help="write the paper's Figure 1 (8 heads, N = 1024; exclusive_bands and spattention) "
+                        "and the ablation panels (one per pattern) to DIR, then exit")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.paper_figures:
+        from ..pattern_report import paper_figures
+
+        for path, panels in paper_figures(args.paper_figures).values():
+            print(f"wrote {path} ({panels} panels)")
+        return 0
     if args.seq_len <= 0:
         raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
     if args.seq_len > 4096 and args.out:
         raise ValueError(f"--seq-len {args.seq_len} is too large to draw; use at most 4096")
     spec = BandSpec(args.pattern, args.heads, args.partition_len or args.seq_len)
-    from ..pattern_report import coverage_summary, draw_pattern
+    from ..pattern_report import ABLATION_PATTERNS, coverage_summary, draw_heads, draw_patterns
 
     print(coverage_summary(spec, args.seq_len))
-    if args.out:
-        path = draw_pattern(spec, args.seq_len, args.out)
-        print(f"wrote {path}")
+    if args.out and args.panels == "patterns":
+        head = args.heads // 2 if args.head is None else args.head
+        path, panels = draw_patterns(list(ABLATION_PATTERNS), args.heads, args.seq_len, head, args.out)
+        print(f"wrote {path} ({panels} panels)")
+    elif args.out:
+        path, panels = draw_heads(spec, args.seq_len, args.out)
+        print(f"wrote {path} ({panels} panels)")
     return 0

@@ -9,7 +9,7 @@ from .bands import BandSpec
 if TYPE_CHECKING:  # torch loads with the first call, so importing the package stays fast
     import torch
 
-BACKENDS: tuple[str, ...] = ("auto", "triton", "flex", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "fa4", "flex", "torch")
 
 
 def triton_available(device: torch.device) -> bool:
@@ -26,7 +26,8 @@ def triton_available(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Maps ``"auto"`` to the fastest backend for ``device``; validates explicit names."""
+    """Validates explicit names; maps ``"auto"`` to the rule used where no dispatch table
+    applies (``triton`` on CUDA, ``flex`` without Triton, ``torch`` elsewhere)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -56,7 +57,9 @@ def band_attention(
             ``head_offset .. head_offset + H - 1`` of ``spec``.
         k, v: keys and values ``[B, Tk, Hkv, D]`` with ``H % Hkv == 0`` (GQA).
         spec: the band pattern.
-        backend: ``"auto"`` (Triton on CUDA, masked SDPA elsewhere), ``"triton"``,
+        backend: ``"auto"`` (per call the faster of ``triton`` and ``fa4`` on a GPU with a
+            measured dispatch table, see :mod:`olmoe_spattn.dispatch`; else Triton on CUDA,
+            masked SDPA elsewhere), ``"triton"``, ``"fa4"`` (FlashAttention-4, SM90+),
             ``"flex"`` (FlexAttention) or ``"torch"`` (masked SDPA, runs anywhere).
         head_offset: global index of the first local head (tensor parallelism).
         q_offset: position of the first query inside the key sequence; default
@@ -76,7 +79,12 @@ def band_attention(
     check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None and q_offset not in (None, 0):
         raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")
-    name = resolve_backend(backend, q.device)
+    if backend == "auto":
+        from .dispatch import auto_backend
+
+        name = auto_backend(q, k, spec)
+    else:
+        name = resolve_backend(backend, q.device)
     kwargs = dict(head_offset=head_offset, q_offset=q_offset, cu_seqlens=cu_seqlens, scale=scale)
     if name == "torch":
         from .reference import sdpa_band_attention
@@ -86,6 +94,10 @@ def band_attention(
         from .flex import flex_band_attention
 
         return flex_band_attention(q, k, v, spec, **kwargs)
+    if name == "fa4":
+        from .fa4 import fa4_band_attention
+
+        return fa4_band_attention(q, k, v, spec, **kwargs)
     from .kernels import triton_band_attention
 
     return triton_band_attention(q, k, v, spec, max_seqlen=max_seqlen, **kwargs)

@@ -47,10 +47,12 @@ def document_interval_tables(
     )
 
 
-def _block_bounds(length: int, block: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_bounds(
+    length: int, block: int, shift: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(first index, last index, has padding) per block of ``length`` positions, shifted."""
     n_blocks = -(-length // block)
-    first = torch.arange(n_blocks, dtype=torch.int64) * block  # [n_blocks]
+    first = torch.arange(n_blocks, dtype=torch.int64, device=device) * block  # [n_blocks]
     last = torch.clamp(first + block - 1, max=length - 1)  # [n_blocks]
     padded = (first + block) > length  # [n_blocks]
     return first + shift, last + shift, padded
@@ -67,20 +69,23 @@ def band_block_classes(
     cu_seqlens: tuple[int, ...] | None,
     q_block: int,
     kv_block: int,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial, full) tile classes, each bool ``[H_local, n_q_blocks, n_kv_blocks]``.
 
-    ``partial`` and ``full`` are disjoint; a tile in neither holds no allowed pair.
+    ``partial`` and ``full`` are disjoint; a tile in neither holds no allowed pair. The
+    classification runs on ``device`` (default CPU); only ``O(H * n_q_blocks * n_kv_blocks)``
+    values are ever built.
     """
-    i0, i1, q_pad = _block_bounds(q_len, q_block, q_offset)  # [nQ] absolute key positions
-    j0, j1, k_pad = _block_bounds(kv_len, kv_block, 0)  # [nK]
+    i0, i1, q_pad = _block_bounds(q_len, q_block, q_offset, device)  # [nQ] absolute key positions
+    j0, j1, k_pad = _block_bounds(kv_len, kv_block, 0, device)  # [nK]
     d_min = (i0[:, None] - j1[None, :])[None, :, :, None]  # [1, nQ, nK, 1]
     d_max = (i1[:, None] - j0[None, :])[None, :, :, None]  # [1, nQ, nK, 1]
 
     bounds = document_bounds(cu_seqlens, kv_len)
     tables = document_interval_tables(spec, bounds, head_offset=head_offset, n_local_heads=n_local_heads)
-    tables = tables.to(torch.int64)  # [n_docs, H, S, 2]
-    starts = torch.tensor(bounds[1:], dtype=torch.int64)
+    tables = tables.to(device=device, dtype=torch.int64)  # [n_docs, H, S, 2]
+    starts = torch.tensor(bounds[1:], dtype=torch.int64, device=device)
     doc_q0 = torch.bucketize(i0, starts, right=True)  # [nQ] document of the first row
     doc_q1 = torch.bucketize(i1, starts, right=True)
     doc_k0 = torch.bucketize(j0, starts, right=True)  # [nK]
@@ -104,11 +109,16 @@ def band_block_classes(
     return partial, full
 
 
-def _sparse_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, indices) in FlexAttention's layout: chosen block columns first, ascending."""
+def sparse_block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) of chosen tiles per row, the layout FlexAttention and FA4 share.
+
+    ``blocks`` is bool ``[..., n_rows, n_cols]``; ``count [..., n_rows]`` (int32) says how
+    many columns a row visits and ``indices [..., n_rows, n_cols]`` (int32) lists them
+    first, ascending (the remaining slots hold the unchosen columns).
+    """
     count = blocks.sum(-1, dtype=torch.int32)  # [H, nQ]
     n_cols = blocks.shape[-1]
-    columns = torch.arange(n_cols, dtype=torch.int64)
+    columns = torch.arange(n_cols, dtype=torch.int64, device=blocks.device)
     order_key = torch.where(blocks, columns, columns + n_cols)  # chosen columns sort first
     indices = order_key.argsort(dim=-1).to(torch.int32)  # [H, nQ, nK]
     return count, indices
@@ -135,8 +145,8 @@ def band_block_mask_from_intervals(
         spec, q_len, kv_len, q_offset=q_offset, head_offset=head_offset,
         n_local_heads=n_local_heads, cu_seqlens=cu_seqlens, q_block=q_block, kv_block=kv_block,
     )
-    kv_num, kv_idx = _sparse_indices(partial)
-    full_num, full_idx = _sparse_indices(full)
+    kv_num, kv_idx = sparse_block_indices(partial)
+    full_num, full_idx = sparse_block_indices(full)
     return BlockMask.from_kv_blocks(
         kv_num[None].to(device),  # [1, H, nQ]
         kv_idx[None].to(device),  # [1, H, nQ, nK]

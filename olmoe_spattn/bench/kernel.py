@@ -5,8 +5,8 @@ interleaved rounds, the forward and forward+backward of:
 
 - ``ours``: the Triton band kernel (``band_attention(..., backend="triton")``),
 - ``flex``: FlexAttention with the same mask (``backend="flex"``, compiled on CUDA),
-- ``fa4``: FlashAttention-4 (``flash_attn.cute``) with the band as ``mask_mod`` plus
-  block sparsity from Flex's ``BlockMask`` (only where FA4 is installed),
+- ``fa4``: FlashAttention-4 (``band_attention(..., backend="fa4")``: the band as a
+  ``mask_mod`` plus block-sparse tables; only where flash-attn-4 is installed),
 - ``torch``: masked SDPA (``backend="torch"``; the CPU default, dense ``[H, T, T]`` mask),
 
 next to pattern-independent dense causal baselines: ``cudnn_dense`` and
@@ -152,6 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    from ..dispatch import write as dispatch_write
+
+    dispatch_write.add_arguments(parser)
 
 
 def device_name(device: torch.device) -> str:
@@ -244,11 +247,14 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and writes its results; returns the exit status."""
     import torch
 
+    from ..dispatch import write as dispatch_write
     from .measure import run_shape
     from .report import Row, gpu_slug, write_outputs
     from .timing import describe_error, warm_up_device
     from .variants import triton_status
 
+    if getattr(args, "dispatch_from", None):
+        return dispatch_write.run_from_results(args)
     device, dtype, settings, shapes, backends = resolve_settings(args)
     gpu = device_name(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path("benchmarks") / "results" / gpu_slug(gpu)
@@ -305,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         data["elapsed_s"] = round(time.monotonic() - start, 1)
         paths = write_outputs(data, out_dir, draw=not args.no_plot)
         log("wrote " + ", ".join(str(p) for p in paths))
+    dispatch_write.after_run(args, data, log)
     if not any(r["fwd_ms"] for r in data["results"]):
         log("error: no variant could be measured")
         status = 1

@@ -48,9 +48,11 @@ class Row:
 
 
 def gpu_slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (folder name for results)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "unknown-device"
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (folder name for results;
+    also the file stem of the GPU's ``auto`` dispatch table)."""
+    from ..dispatch import gpu_slug as slug
+
+    return slug(name)
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:

@@ -234,8 +234,10 @@ def auto_backend(q: torch.Tensor, k: torch.Tensor, spec: BandSpec) -> str:
     head_dim = q.shape[-1]
     entry = choose(ctx.entries, spec.pattern, head_dim, band_width(spec, k.shape[1]), training)
     if entry is None:
-        _announce(ctx.gpu, spec.pattern, head_dim, 0, mode, "triton", "no measurement for this pattern and head_dim")
+        _announce(ctx.gpu, spec.pattern, head_dim if isinstance(head_dim, int) else -1, 0, mode, "triton",
+                  "no measurement for this pattern and head_dim")
         return "triton"
+    head_dim = entry.head_dim  # equal, and a constant even where shapes are symbolic
     name = entry.train if training else entry.infer
     if name == "fa4":
         if q.shape[1] != k.shape[1]:

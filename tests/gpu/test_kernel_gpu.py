@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_checks import ATOL, max_err
+from attention_checks import check_heads, max_err
 
 from olmoe_spattn import BandSpec
-from olmoe_spattn.reference import reference_attention, sdpa_band_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -36,46 +35,7 @@ def _inputs(b, tq, tk, h, hkv, d, dtype, seed=0):
 
 def _check_heads(spec, q, k, v, heads=None, *, head_offset=0, **kw):
     """Kernel (all heads) vs per-head oracle on ``heads`` (default: all), fwd + bwd."""
-    dtype = q.dtype
-    h_all, hkv = q.shape[2], k.shape[2]
-    group = h_all // hkv
-    out = _kernel()(q, k, v, spec, head_offset=head_offset, **kw)
-    g = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
-    assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
-    kw.pop("max_seqlen", None)
-    heads = range(h_all) if heads is None else heads
-    dk_sum = {}
-    for h in heads:
-        kv = h // group
-        sl = lambda x, i: x.detach()[:, :, i : i + 1]  # noqa: E731
-        q64, k64, v64 = (sl(x, i).double().requires_grad_() for x, i in ((q, h), (k, kv), (v, kv)))
-        ref, _ = reference_attention(q64, k64, v64, spec, head_offset=head_offset + h, **kw)
-        lowp = sdpa_band_attention(sl(q, h), sl(k, kv), sl(v, kv), spec, head_offset=head_offset + h, **kw)
-        e, base = max_err(out[:, :, h : h + 1], ref), max_err(lowp, ref)
-        assert e <= 2 * base + ATOL[dtype], f"head {h}: out err {e:.3g} vs lowp {base:.3g}"
-        gh = g[:, :, h : h + 1].double()
-        want = torch.autograd.grad(ref, (q64, k64, v64), gh)
-        qf, kf, vf = (sl(x, i).float().requires_grad_() for x, i in ((q, h), (k, kv), (v, kv)))
-        lowf = sdpa_band_attention(qf, kf, vf, spec, head_offset=head_offset + h, **kw)
-        base_g = torch.autograd.grad(lowf, (qf, kf, vf), gh.float())
-        e, b = max_err(dq[:, :, h : h + 1], want[0]), max_err(base_g[0].to(dtype), want[0])
-        assert e <= 2 * b + 0.02 * max(want[0].abs().max().item(), 1.0), f"head {h}: dq {e:.3g} vs {b:.3g}"
-        if group == 1:
-            for name, got, w, bb in (("dk", dk, want[1], base_g[1]), ("dv", dv, want[2], base_g[2])):
-                e, b = max_err(got[:, :, h : h + 1], w), max_err(bb.to(dtype), w)
-                assert e <= 2 * b + 0.02 * max(w.abs().max().item(), 1.0), f"head {h}: {name} {e:.3g} vs {b:.3g}"
-        else:  # GQA: dk/dv of a kv head sum over its query heads
-            acc = dk_sum.setdefault(kv, [0, 0, 0])
-            acc[0] = acc[0] + want[1]
-            acc[1] = acc[1] + want[2]
-            acc[2] += 1
-    for kv, (wk, wv, n) in dk_sum.items():
-        if n == group:
-            for got, w in ((dk, wk), (dv, wv)):
-                e = max_err(got[:, :, kv : kv + 1], w)
-                assert e <= 0.03 * max(w.abs().max().item(), 1.0), f"kv head {kv}: grad err {e:.3g}"
-    return out
+    return check_heads(_kernel(), spec, q, k, v, heads, head_offset=head_offset, **kw)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

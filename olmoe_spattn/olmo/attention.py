@@ -25,7 +25,7 @@ class BandAttentionBackend(AttentionBackend):
 
     Args (beyond :class:`AttentionBackend`'s):
         spec: the band pattern over the *global* heads.
-        band_backend: ``band_attention`` backend (``"auto"``, ``"triton"``, ``"flex"``, ``"torch"``).
+        band_backend: ``band_attention`` backend (``"auto"``, ``"triton"``, ``"fa4"``, ``"flex"``, ``"torch"``).
         head_offset: global index of this rank's first head (set by tensor parallelism).
     """
 

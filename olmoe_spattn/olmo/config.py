@@ -4,7 +4,7 @@ It is OLMo-core's :class:`~olmo_core.nn.attention.AttentionConfig` plus three fi
 
     band_pattern:  "spattention" | "exclusive_bands" | "gapped_bands" | "sliding_window" | "dense"
     partition_len: int >= n_heads (normally the training sequence length) or "dynamic"
-    band_backend:  "auto" | "triton" | "flex" | "torch"
+    band_backend:  "auto" | "triton" | "fa4" | "flex" | "torch"
 
 Registered name: ``"band_attention"`` (``type: band_attention`` in a dict/YAML config).
 ``band_pattern: dense`` builds OLMo-core's own dense attention (its own backend), so flipping that

@@ -6,7 +6,7 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     description: ...              # free text
     attention: spattention        # dense | spattention | exclusive_bands | gapped_bands | sliding_window
     partition_len: null           # null = train.sequence_length; an int >= n_heads; or "dynamic"
-    attention_backend: auto       # auto | triton | flex | torch
+    attention_backend: auto       # auto | triton | fa4 | flex | torch
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
               lb_loss_weight, z_loss_weight}
     data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,

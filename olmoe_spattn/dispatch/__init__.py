@@ -221,10 +221,7 @@ def _announce(gpu: str, pattern: str, head_dim: int, width: int, mode: str, name
 
 def auto_backend(q: torch.Tensor, k: torch.Tensor, spec: BandSpec) -> str:
     """The backend ``"auto"`` resolves to for this call (see the module docstring)."""
-    index = q.device.index if q.device.index is not None else 0
-    if q.device.type == "cuda" and q.device.index is None:
-        index = torch.cuda.current_device()
-    ctx = device_context(q.device.type, index)
+    ctx = device_context(q.device.type, q.device.index or 0)
     if ctx.override:
         return ctx.override
     if not ctx.entries or ctx.base != "triton":

@@ -53,7 +53,7 @@ def _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offs
 
     from .masks import band_mask_mod, document_band_mask_mod
 
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = q.device.index or 0  # CUDA tensors always carry their device index
     block = block_size_for(device_arch(index), q.shape[-1])
     t = band_block_tables(
         spec, tq, tk, q_offset=q_offset, head_offset=head_offset, n_local_heads=h, cu_seqlens=cu,

@@ -65,7 +65,7 @@ def fa4_problem(q: torch.Tensor) -> tuple[str, str]:
     why = fa4_import_error()
     if why:
         return "missing", f"backend='fa4' needs flash-attn-4, which is not importable here ({why}); {INSTALL_HINT}"
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = q.device.index or 0  # CUDA tensors always carry their device index
     arch = device_arch(index)
     if arch // 10 not in FA4_ARCH_MAJORS:
         return "input", (

@@ -114,8 +114,15 @@ def write_table(data: dict, path: str | Path, *, source: str = "") -> Path:
     table = table_from_results(data, source=source)
     out = TABLE_DIR / f"{gpu_slug(table['gpu'])}.json" if str(path) == "auto" else Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=1) + "\n")
+    out.write_text(format_table(table))
     return out
+
+
+def format_table(table: dict) -> str:
+    """JSON text of a table: the header indented, one line per entry (readable diffs)."""
+    head = json.dumps({k: v for k, v in table.items() if k != "entries"}, indent=1)
+    lines = ",\n".join("  " + json.dumps(e) for e in table["entries"])
+    return head[:-2] + ',\n "entries": [\n' + lines + "\n ]\n}\n"
 
 
 # ---------------------------------------------------------------- bench kernel hook

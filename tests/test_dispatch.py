@@ -194,29 +194,46 @@ def test_load_table_rejects_bad_entries(tmp_path):
         load_table(path)
 
 
-def test_shipped_table_is_the_one_its_bench_results_give():
-    shipped = json.loads(H100_TABLE.read_text())
-    rebuilt = table_from_results(json.loads(H100_RESULTS.read_text()), source=H100_RESULTS.name)
-    assert shipped == rebuilt
-    _, entries = load_table(H100_TABLE)
-    assert dispatch.table_path_for("NVIDIA H100 80GB HBM3") == H100_TABLE
+SHIPPED = sorted((REPO / "olmoe_spattn" / "dispatch").glob("*.json"))
+
+
+def _results_of(table_path: Path) -> Path:
+    """A shipped table's bench results: benchmarks/results/<gpu-slug>/<measured.source>."""
+    source = json.loads(table_path.read_text())["measured"]["source"]
+    return REPO / "benchmarks" / "results" / table_path.stem / source
+
+
+@pytest.mark.parametrize("table_path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_table_is_the_one_its_bench_results_give(table_path):
+    results = _results_of(table_path)
+    assert results.is_file(), f"{table_path.name} ships without its bench results ({results})"
+    shipped = json.loads(table_path.read_text())
+    assert dispatch.gpu_slug(shipped["gpu"]) == table_path.stem
+    assert shipped == table_from_results(json.loads(results.read_text()), source=results.name)
+    _, entries = load_table(table_path)
+    assert entries and dispatch.table_path_for(shipped["gpu"]) == table_path
+
+
+def test_gpus_without_a_shipped_table_have_none():
+    assert H100_TABLE in SHIPPED
     assert dispatch.table_path_for("NVIDIA GeForce RTX 3090") is None
-    assert entries
 
 
-def test_shipped_table_picks_the_faster_kernel_on_every_bench_row():
+@pytest.mark.parametrize("table_path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_table_picks_the_faster_kernel_on_every_bench_row(table_path):
     """Goal of ``auto``: every measured row at least as fast as the faster of triton and fa4
     (5%: the noise of one run)."""
-    _, entries = load_table(H100_TABLE)
-    rows = json.loads(H100_RESULTS.read_text())["results"]
+    _, entries = load_table(table_path)
+    rows = json.loads(_results_of(table_path).read_text())["results"]
     by_cell = {}
     for r in rows:
         if r["backend"] in ("ours", "fa4"):
-            by_cell.setdefault((tuple(r["shape"]), r["pattern"]), {})["triton" if r["backend"] == "ours" else "fa4"] = r
+            key = (tuple(r["shape"]), r["pattern"], str(r["partition_len"]))
+            by_cell.setdefault(key, {})["triton" if r["backend"] == "ours" else "fa4"] = r
     checked = 0
-    for (shape, pattern), cell in by_cell.items():
+    for (shape, pattern, n), cell in by_cell.items():
         b, h, t, d = shape
-        spec = BandSpec(pattern, h, t)
+        spec = BandSpec(pattern, h, n if n == "dynamic" else int(n))
         for mode, field in (("train", "fwdbwd_ms"), ("infer", "fwd_ms")):
             times = {k: r[field] for k, r in cell.items() if r["status"] == "ok" and r[field]}
             if "triton" not in times:
@@ -226,7 +243,7 @@ def test_shipped_table_picks_the_faster_kernel_on_every_bench_row():
             assert picked in times, f"{shape} {pattern} {mode}: picked {picked}, which did not run"
             assert times[picked] <= 1.05 * min(times.values()), f"{shape} {pattern} {mode}: {picked} {times}"
             checked += 1
-    assert checked >= 40
+    assert checked, "no row measured both kernels"
 
 
 def test_bench_kernel_writes_a_table_from_earlier_results(tmp_path, capsys):

@@ -152,8 +152,8 @@ def run_from_results(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-def after_run(args: argparse.Namespace, data: dict, log=print) -> None:
-    """``--write-dispatch`` after a bench run: writes the table of ``data``."""
+def after_run(args: argparse.Namespace, data: dict, log=print, *, results_name: str = "kernel_bench.json") -> None:
+    """``--write-dispatch`` after a bench run: writes the table of ``data`` (saved as ``results_name``)."""
     if args.write_dispatch:
-        out = write_table(data, args.write_dispatch, source="this run")
+        out = write_table(data, args.write_dispatch, source=results_name)
         log(f"wrote dispatch table {out}")

@@ -251,3 +251,13 @@ def test_bench_kernel_writes_a_table_from_earlier_results(tmp_path, capsys):
     assert main(["bench", "kernel", "--dispatch-from", str(H100_RESULTS), "--write-dispatch", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(H100_TABLE.read_text())
     assert "wrote dispatch table" in capsys.readouterr().out
+
+
+def test_write_dispatch_after_a_run_without_fa4_rows_says_why(tmp_path, capsys):
+    status = main([
+        "bench", "kernel", "--device", "cpu", "--shapes", "1,2,32,16", "--patterns", "spattention",
+        "--backends", "torch", "--warmup", "0", "--iters", "1", "--rounds", "1", "--no-plot", "--no-check",
+        "--out-dir", str(tmp_path), "--write-dispatch", str(tmp_path / "table.json"),
+    ])
+    assert status == 2 and "both the Triton kernel ('ours') and 'fa4'" in capsys.readouterr().err
+    assert (tmp_path / "kernel_bench.json").is_file() and not (tmp_path / "table.json").exists()

@@ -173,14 +173,15 @@ def olmoe_config(
     backend: str | None = None,
     lb_loss_weight: float = 0.01,
     z_loss_weight: float = 0.001,
+    rope_theta: int = 500_000,
 ) -> TransformerConfig:
     """An OLMoE-architecture config (OLMo-core's ``olmoe_1B_7B`` recipe at any size).
 
-    Reordered-norm MoE blocks, QK-norm, RoPE theta 500k, dropless top-k routing with
+    Reordered-norm MoE blocks, QK-norm, RoPE (theta 500k by default), dropless top-k routing with
     load-balancing and router z-loss, then :func:`with_attention`.
     """
     config = TransformerConfig.olmoe_1B_7B(
-        vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads
+        vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, rope_theta=rope_theta
     )
     assert isinstance(config.block, TransformerBlockConfig)
     config.block.feed_forward_moe = _moe_config(

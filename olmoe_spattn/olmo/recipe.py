@@ -8,7 +8,7 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     partition_len: null           # null = train.sequence_length; an int >= n_heads; or "dynamic"
     attention_backend: auto       # auto | triton | fa4 | flex | torch
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
-              lb_loss_weight, z_loss_weight}
+              lb_loss_weight, z_loss_weight, rope_theta}
     data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,
               eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, document_masking,
               work_dir}
@@ -47,6 +47,7 @@ class ModelSection:
     expert_hidden_size: int = 1024
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    rope_theta: int = 500_000  # RoPE base; long-context recipes raise it (OLMo-core's ABF practice)
 
 
 @dataclass
@@ -92,6 +93,10 @@ class TrainSection:
     max_grad_norm: float = 1.0
     seed: int = 42
     save_folder: str = "runs/olmoe"
+    # Start weights (continued pretraining): an OLMo-core checkpoint folder (a training step
+    # folder, its model_and_optim/, or a `convert from-hf` output). Only the model weights are
+    # read (fresh optimizer, step 0); ignored once save_folder holds a checkpoint (resume).
+    load_path: Union[str, None] = None
     save_interval: int = 1000
     ephemeral_save_interval: Union[int, None] = None
     log_interval: int = 1
@@ -159,6 +164,7 @@ class Recipe:
             backend=self.attention_backend,
             lb_loss_weight=m.lb_loss_weight,
             z_loss_weight=m.z_loss_weight,
+            rope_theta=m.rope_theta,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +184,8 @@ class Recipe:
                     f"model.n_heads={self.model.n_heads}"
                 )
         m, t, d = self.model, self.train, self.data
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size"):
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size",
+                    "rope_theta"):
             _positive(f"model.{key}", getattr(m, key))
         if m.d_model % m.n_heads:
             raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")

@@ -87,6 +87,8 @@ def describe(recipe: Recipe) -> str:
     """The ``--dry-run`` report: resolved recipe, parameter counts and per-layer patterns."""
     import yaml
 
+    from .memory import report as memory_report
+
     counts = parameter_counts(recipe)
     t = recipe.train
     tokens_per_step = t.global_batch_size * t.sequence_length
@@ -103,6 +105,9 @@ def describe(recipe: Recipe) -> str:
         "",
         "# attention pattern per layer",
         *layer_patterns(recipe),
+        "",
+        "# memory estimate (olmoe_spattn.olmo.memory: FSDP-sharded model states + activations + logits)",
+        *memory_report(recipe),
     ]
     return "\n".join(lines)
 
@@ -138,6 +143,28 @@ def ensure_data(recipe: Recipe) -> list[str]:
             "prepare-data`, or set data.synthetic: true for a synthetic demo"
         )
     return paths
+
+
+def resolve_load_path(load_path: str | None) -> str | None:
+    """``train.load_path`` as a folder OLMo-core's trainer loads weights from.
+
+    Accepts a training step folder (``model_and_optim/`` + ``train/``), a ``model_and_optim/``
+    folder itself, a folder of step folders, or a ``convert from-hf`` output (whose
+    ``model_and_optim/`` holds the weights only). Raises ``ValueError`` when none is there.
+    """
+    if load_path is None:
+        return None
+    path = Path(load_path)
+    if (path / ".metadata").is_file() or (path / "train").is_dir():
+        return str(path)
+    if (path / "model_and_optim" / ".metadata").is_file():
+        return str(path / "model_and_optim")  # weights-only checkpoint (convert from-hf)
+    if path.is_dir() and any(p.is_dir() and p.name.startswith("step") for p in path.iterdir()):
+        return str(path)  # OLMo-core picks the latest step folder
+    raise ValueError(
+        f"train.load_path={load_path!r} is not an OLMo-core checkpoint: expected a step folder, "
+        "a model_and_optim/ folder, or the output of `olmoe-spattn convert from-hf`"
+    )
 
 
 def _barrier() -> None:
@@ -313,6 +340,7 @@ def train(recipe: Recipe) -> dict[str, float]:
     from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
     from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
     from olmo_core.train import teardown_training_environment as teardown
+    from olmo_core.train.common import LoadStrategy
 
     from .model import needs_torch_moe
 
@@ -357,8 +385,15 @@ def train(recipe: Recipe) -> dict[str, float]:
             num_workers=t.num_workers,
         ).build(dataset, dp_process_group=train_module.dp_process_group)
 
+        load_path = resolve_load_path(t.load_path)
         trainer_config = TrainerConfig(
             save_folder=save_folder,
+            # continued pretraining: weights only from load_path (fresh optimizer and step);
+            # a checkpoint in save_folder always wins and restores everything (resume)
+            load_path=load_path,
+            load_strategy=LoadStrategy.always if load_path else LoadStrategy.if_available,
+            load_trainer_state=False if load_path else None,
+            load_optim_state=False if load_path else None,
             save_overwrite=True,
             max_duration=Duration.steps(t.max_steps),
             metrics_collect_interval=t.log_interval,

@@ -131,6 +131,7 @@ def report(recipe: Recipe) -> list[str]:
             f"{_gib(e.gathered_params)} + activations {_gib(e.activations)} + logits {_gib(e.logits)} "
             f"-> ~{_gib(e.total)} with overhead"
         )
+    one = estimate(recipe, 1)
     parts = {"model states": one.model_states, "activations": one.activations, "logits": one.logits}
     largest = max(parts, key=parts.get)
     lines.append(

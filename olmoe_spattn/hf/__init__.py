@@ -2,8 +2,11 @@
 
 Importing this module registers, once:
 
-* ``OlmoeSpattnConfig`` / ``OlmoeSpattnForCausalLM`` with transformers' ``AutoConfig``,
-  ``AutoModel`` and ``AutoModelForCausalLM`` (model_type ``olmoe_spattn``);
+* ``OlmoeSpattnConfig`` / ``OlmoeSpattnForCausalLM`` (model_type ``olmoe_spattn``) and the
+  pre-norm ``OlmoeSpattnPrenorm*`` classes (``olmoe_spattn_prenorm``) with transformers'
+  ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM``, and transformers' checkpoint
+  conversion of their base models (``flex_olmo`` / ``olmoe``: per-expert weights on disk,
+  fused expert tensors in memory);
 * the band attention function and its mask builder under the attention
   implementation name ``olmoe_spattn``.
 """
@@ -11,8 +14,21 @@ Importing this module registers, once:
 from __future__ import annotations
 
 from .attention import band_attention_forward, register_attention
-from .configuration import ATTN_IMPLEMENTATION, HOW_TO_LOAD, MODEL_TYPE, OlmoeSpattnConfig
-from .modeling import OlmoeSpattnForCausalLM, OlmoeSpattnModel, OlmoeSpattnPreTrainedModel
+from .configuration import (
+    ATTN_IMPLEMENTATION,
+    HOW_TO_LOAD,
+    MODEL_TYPE,
+    MODEL_TYPE_PRENORM,
+    OlmoeSpattnConfig,
+    OlmoeSpattnPrenormConfig,
+)
+from .modeling import (
+    OlmoeSpattnForCausalLM,
+    OlmoeSpattnModel,
+    OlmoeSpattnPrenormForCausalLM,
+    OlmoeSpattnPrenormModel,
+    OlmoeSpattnPreTrainedModel,
+)
 
 _REGISTERED = False
 
@@ -27,8 +43,25 @@ def register() -> None:
     AutoConfig.register(MODEL_TYPE, OlmoeSpattnConfig, exist_ok=True)
     AutoModel.register(OlmoeSpattnConfig, OlmoeSpattnModel, exist_ok=True)
     AutoModelForCausalLM.register(OlmoeSpattnConfig, OlmoeSpattnForCausalLM, exist_ok=True)
+    AutoConfig.register(MODEL_TYPE_PRENORM, OlmoeSpattnPrenormConfig, exist_ok=True)
+    AutoModel.register(OlmoeSpattnPrenormConfig, OlmoeSpattnPrenormModel, exist_ok=True)
+    AutoModelForCausalLM.register(OlmoeSpattnPrenormConfig, OlmoeSpattnPrenormForCausalLM, exist_ok=True)
+    _register_weight_conversions()
     register_attention()
     _REGISTERED = True
+
+
+def _register_weight_conversions() -> None:
+    """Our model types load and save weights exactly like their transformers bases."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for ours, base in ((MODEL_TYPE, "flex_olmo"), (MODEL_TYPE_PRENORM, "olmoe")):
+        mapping = get_checkpoint_conversion_mapping(base)
+        if mapping is not None and get_checkpoint_conversion_mapping(ours) is None:
+            register_checkpoint_conversion_mapping(ours, mapping)
 
 
 register()
@@ -37,7 +70,11 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "HOW_TO_LOAD",
     "MODEL_TYPE",
+    "MODEL_TYPE_PRENORM",
     "OlmoeSpattnConfig",
+    "OlmoeSpattnPrenormConfig",
+    "OlmoeSpattnPrenormForCausalLM",
+    "OlmoeSpattnPrenormModel",
     "OlmoeSpattnForCausalLM",
     "OlmoeSpattnModel",
     "OlmoeSpattnPreTrainedModel",

@@ -1,4 +1,4 @@
-"""``OlmoeSpattnConfig``: transformers' FlexOlmo config plus the band fields.
+"""``OlmoeSpattnConfig`` / ``OlmoeSpattnPrenormConfig``: transformers configs plus the band fields.
 
 OLMo-core's OLMoE preset (``TransformerConfig.olmoe_1B_7B``) builds a
 ``MoEReorderedNormTransformerBlock`` (OLMo-2 style: norms *after* attention and MoE,
@@ -7,6 +7,11 @@ transformers that architecture is ``FlexOlmo`` (OLMo-core's own ``get_hf_config`
 maps the preset there), so the band model subclasses FlexOlmo's config and model and
 only replaces the attention function.
 
+Released OLMoE checkpoints (transformers' ``olmoe``, e.g. allenai/OLMoE-1B-7B-0924) are
+*pre-norm* (OLMo-core's ``moe`` block); a band model converted from one keeps that
+architecture as ``OlmoeSpattnPrenormConfig`` (model_type ``olmoe_spattn_prenorm``), a
+subclass of transformers' ``OlmoeConfig``.
+
 The distinct ``model_type`` (``olmoe_spattn``) is what keeps a band checkpoint from
 ever loading as a dense FlexOlmo/OLMoE model: plain transformers does not know it.
 """
@@ -14,10 +19,13 @@ ever loading as a dense FlexOlmo/OLMoE model: plain transformers does not know i
 from __future__ import annotations
 
 from transformers.models.flex_olmo.configuration_flex_olmo import FlexOlmoConfig
+from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
 
 from ..bands import DYNAMIC, PATTERNS, BandSpec
 
 MODEL_TYPE = "olmoe_spattn"
+#: The pre-norm (released OLMoE architecture) band model.
+MODEL_TYPE_PRENORM = "olmoe_spattn_prenorm"
 #: Name registered with transformers' AttentionInterface and AttentionMaskInterface.
 ATTN_IMPLEMENTATION = "olmoe_spattn"
 #: Message for anyone who meets a band checkpoint without this package.
@@ -53,37 +61,77 @@ class OlmoeSpattnConfig(FlexOlmoConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.band_n_heads is None:
-            self.band_n_heads = self.num_attention_heads
-        self.validate_band()
+        _init_band(self)
 
     def validate_band(self) -> None:
         """Raises ``ValueError`` when the band fields are inconsistent."""
-        if self.attention_pattern not in PATTERNS:
-            raise ValueError(
-                f"attention_pattern={self.attention_pattern!r} is not a known pattern; "
-                f"allowed: {', '.join(PATTERNS)}"
-            )
-        if self.band_n_heads != self.num_attention_heads:
-            raise ValueError(
-                f"band_n_heads={self.band_n_heads} must equal num_attention_heads="
-                f"{self.num_attention_heads}"
-            )
-        if self.partition_len != DYNAMIC and not isinstance(self.partition_len, int):
-            raise ValueError(
-                f"partition_len must be an int or 'dynamic', got {self.partition_len!r}"
-            )
-        from ..api import BACKENDS
-
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(
-                f"attention_backend={self.attention_backend!r} is unknown; allowed: {', '.join(BACKENDS)}"
-            )
-        self.band_spec()  # BandSpec validates partition_len >= n_heads etc.
+        _validate_band(self)
 
     def band_spec(self) -> BandSpec:
         """The :class:`BandSpec` every attention layer of this model follows."""
         return BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # type: ignore[arg-type]
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "HOW_TO_LOAD", "MODEL_TYPE", "OlmoeSpattnConfig"]
+class OlmoeSpattnPrenormConfig(OlmoeConfig):
+    """transformers' OLMoE config (pre-norm blocks) with the same band fields as
+    :class:`OlmoeSpattnConfig` (experts always OLMo-core ``dropless``)."""
+
+    model_type = MODEL_TYPE_PRENORM
+
+    attention_pattern: str = "spattention"
+    partition_len: int | str = 4096
+    band_n_heads: int | None = None
+    attention_backend: str = "auto"
+    olmo_core_expert_layout: str = "dropless"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _init_band(self)
+
+    def validate_band(self) -> None:
+        """Raises ``ValueError`` when the band fields are inconsistent."""
+        _validate_band(self)
+
+    def band_spec(self) -> BandSpec:
+        """The :class:`BandSpec` every attention layer of this model follows."""
+        return BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # type: ignore[arg-type]
+
+
+def _init_band(config) -> None:
+    if config.band_n_heads is None:
+        config.band_n_heads = config.num_attention_heads
+    _validate_band(config)
+
+
+def _validate_band(self) -> None:
+    if self.attention_pattern not in PATTERNS:
+        raise ValueError(
+            f"attention_pattern={self.attention_pattern!r} is not a known pattern; "
+            f"allowed: {', '.join(PATTERNS)}"
+        )
+    if self.band_n_heads != self.num_attention_heads:
+        raise ValueError(
+            f"band_n_heads={self.band_n_heads} must equal num_attention_heads="
+            f"{self.num_attention_heads}"
+        )
+    if self.partition_len != DYNAMIC and not isinstance(self.partition_len, int):
+        raise ValueError(
+            f"partition_len must be an int or 'dynamic', got {self.partition_len!r}"
+        )
+    from ..api import BACKENDS
+
+    if self.attention_backend not in BACKENDS:
+        raise ValueError(
+            f"attention_backend={self.attention_backend!r} is unknown; allowed: {', '.join(BACKENDS)}"
+        )
+    BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # validates N >= n_heads etc.
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "HOW_TO_LOAD",
+    "MODEL_TYPE",
+    "MODEL_TYPE_PRENORM",
+    "OlmoeSpattnConfig",
+    "OlmoeSpattnPrenormConfig",
+]

@@ -1,16 +1,25 @@
 """``convert to-hf`` / ``convert from-hf``: OLMo-core checkpoints <-> HF directories.
 
-A HF directory written here holds ``model.safetensors`` (FlexOlmo names),
-``config.json`` (model_type ``olmoe_spattn`` with ``attention_pattern``,
-``partition_len``, ``band_n_heads``), the tokenizer files, a ``README.md`` saying how to
-load it, and two tiny modules for ``trust_remote_code=True`` users whose only content
-is an import of this package (so plain ``lm_eval --model hf`` works, and without the
-package installed transformers stops with "requires ... olmoe_spattn").
+Weights go through OLMo-core's own converter (:mod:`olmoe_spattn.hf.state`). A band HF
+directory written here (``--format spattn``) holds ``model.safetensors`` (transformers'
+per-expert on-disk names), ``config.json`` (model_type ``olmoe_spattn``, or
+``olmoe_spattn_prenorm`` for the pre-norm architecture of released OLMoE, with
+``attention_pattern``, ``partition_len``, ``band_n_heads``), the tokenizer files, a
+``README.md`` saying how to load it, and two tiny modules for ``trust_remote_code=True``
+users whose only content is an import of this package (so plain ``lm_eval --model hf``
+works, and without the package installed transformers stops with "requires ...
+olmoe_spattn"). ``--format olmoe`` / ``flex_olmo`` write a stock transformers directory of a
+dense model (no package needed to load it).
+
+``from-hf`` reads stock ``olmoe`` (e.g. allenai/OLMoE-1B-7B-0924) and ``flex_olmo``
+directories as well as ours, optionally switching the attention.
 
 An OLMo-core checkpoint is either a training step folder (``config.json`` with the
 experiment config plus ``model_and_optim/`` in ``torch.distributed.checkpoint``
 format) or an unsharded one (``model.safetensors`` or a ``weights_only`` ``.pt`` file,
-with the experiment ``config.json`` beside it). ``from-hf`` writes the unsharded form.
+with the experiment ``config.json`` beside it). ``from-hf`` writes the unsharded form plus
+the same weights as ``model_and_optim/`` (weights only, ``torch.distributed.checkpoint``),
+which a recipe's ``train.load_path`` starts from.
 """
 
 from __future__ import annotations
@@ -34,8 +43,20 @@ from .checkpoint_io import (
     read_safetensors,
     read_torch_weights,
 )
-from .config_map import band_spec_of_model_config, hf_config_from_olmo_core, moe_shape_of, moe_shape_of_hf
-from .configuration import HOW_TO_LOAD, MODEL_TYPE, OlmoeSpattnConfig
+from .config_map import (
+    band_spec_of_model_config,
+    hf_config_from_olmo_core,
+    moe_shape_of,
+    moe_shape_of_hf,
+    olmo_core_config_from_hf,
+)
+from .configuration import (
+    HOW_TO_LOAD,
+    MODEL_TYPE,
+    MODEL_TYPE_PRENORM,
+    OlmoeSpattnConfig,
+    OlmoeSpattnPrenormConfig,
+)
 from .state import hf_to_olmo_core, olmo_core_to_hf
 
 TOKENIZER_FILES = (
@@ -62,6 +83,11 @@ AUTO_MAP = {
     "AutoModel": "modeling_olmoe_spattn.OlmoeSpattnModel",
     "AutoModelForCausalLM": "modeling_olmoe_spattn.OlmoeSpattnForCausalLM",
 }
+AUTO_MAP_PRENORM = {k: v.replace("OlmoeSpattn", "OlmoeSpattnPrenorm") for k, v in AUTO_MAP.items()}
+_SHIM_MODEL_PRENORM = _SHIM.replace("{names}", "OlmoeSpattnPrenormForCausalLM, OlmoeSpattnPrenormModel")
+_SHIM_CONFIG_PRENORM = _SHIM.replace("{names}", "OlmoeSpattnPrenormConfig")
+#: HF model types ``from-hf`` reads.
+HF_MODEL_TYPES = (MODEL_TYPE, MODEL_TYPE_PRENORM, "olmoe", "flex_olmo")
 
 log = logging.getLogger(__name__)
 
@@ -229,41 +255,57 @@ def _readme(config: OlmoeSpattnConfig) -> str:
 
 def write_hf_dir(
     out_dir: str | Path,
-    config: OlmoeSpattnConfig,
+    config: Any,
     state: dict[str, torch.Tensor],
     *,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """Writes config, safetensors weights (sharded above ``max_shard_size``, with an index),
-    README and the import shims to ``out_dir``."""
+    """Writes config, safetensors weights (sharded above ``max_shard_size``, with an index)
+    and, for our band model types, the README and the import shims to ``out_dir``."""
     from huggingface_hub import save_torch_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["OlmoeSpattnForCausalLM"]
+    band = isinstance(config, (OlmoeSpattnConfig, OlmoeSpattnPrenormConfig))
+    if band:
+        prenorm = isinstance(config, OlmoeSpattnPrenormConfig)
+        config.auto_map = dict(AUTO_MAP_PRENORM if prenorm else AUTO_MAP)
+        config.architectures = ["OlmoeSpattnPrenormForCausalLM" if prenorm else "OlmoeSpattnForCausalLM"]
     config.save_pretrained(str(out))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    (out / "configuration_olmoe_spattn.py").write_text(_SHIM_CONFIG)
-    (out / "modeling_olmoe_spattn.py").write_text(_SHIM_MODEL)
-    (out / "README.md").write_text(_readme(config))
+    if band:
+        (out / "configuration_olmoe_spattn.py").write_text(_SHIM_CONFIG_PRENORM if prenorm else _SHIM_CONFIG)
+        (out / "modeling_olmoe_spattn.py").write_text(_SHIM_MODEL_PRENORM if prenorm else _SHIM_MODEL)
+        (out / "README.md").write_text(_readme(config))
     return out
 
 
-def read_hf_dir(model_dir: str | Path) -> tuple[OlmoeSpattnConfig, dict[str, torch.Tensor]]:
-    """Config and weights of a HF directory written by :func:`write_hf_dir`."""
+def read_hf_config(model_dir: str | Path) -> Any:
+    """The transformers config of a HF directory of a model type ``from-hf`` reads."""
     model_dir = Path(model_dir)
     raw = read_json(model_dir / "config.json")
-    if raw.get("model_type") != MODEL_TYPE:
+    model_type = raw.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(
-            f"{model_dir} has model_type {raw.get('model_type')!r}; only {MODEL_TYPE!r} directories "
-            "(written by `olmoe-spattn convert to-hf`) are converted back"
+            f"{model_dir} has model_type {model_type!r}; converted are: {', '.join(HF_MODEL_TYPES)} "
+            "(released OLMoE checkpoints are 'olmoe')"
         )
-    config = OlmoeSpattnConfig.from_pretrained(str(model_dir))
-    return config, read_hf_weights(model_dir)
+    if model_type == MODEL_TYPE:
+        return OlmoeSpattnConfig.from_pretrained(str(model_dir))
+    if model_type == MODEL_TYPE_PRENORM:
+        return OlmoeSpattnPrenormConfig.from_pretrained(str(model_dir))
+    from transformers import FlexOlmoConfig, OlmoeConfig
+
+    return (OlmoeConfig if model_type == "olmoe" else FlexOlmoConfig).from_pretrained(str(model_dir))
+
+
+def read_hf_dir(model_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Config and on-disk weights of a HF directory (ours, stock ``olmoe`` or ``flex_olmo``)."""
+    config = read_hf_config(model_dir)
+    return config, read_hf_weights(Path(model_dir))
 
 
 # ------------------------------------------------------------------ both directions
@@ -275,8 +317,12 @@ def convert_to_hf(
     config_path: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
+    fmt: str = "spattn",
 ) -> Path:
     """OLMo-core checkpoint -> HF directory; returns ``out_dir``.
+
+    ``fmt``: ``spattn`` (band model types; loads after ``import olmoe_spattn.hf``), or the
+    stock transformers ``olmoe`` / ``flex_olmo`` formats of a dense model.
 
     ``max_seq_len`` becomes ``max_position_embeddings`` (the context lm-eval and
     ``generate`` assume); default: the experiment's ``dataset.sequence_length``, else the
@@ -294,8 +340,12 @@ def convert_to_hf(
     spec = band_spec_of_model_config(ckpt.model_config)
     if max_seq_len is None:
         max_seq_len = seq_len
-    hf_config = hf_config_from_olmo_core(ckpt.model_config, spec=spec, max_position_embeddings=max_seq_len, **ids)
-    state = olmo_core_to_hf(ckpt.state, moe_shape_of(ckpt.model_config))
+    hf_config = hf_config_from_olmo_core(
+        ckpt.model_config, spec=spec, fmt=fmt, max_position_embeddings=max_seq_len, **ids
+    )
+    state = olmo_core_to_hf(
+        ckpt.state, hf_config, moe_shape_of(ckpt.model_config), expected_keys=_state_keys(ckpt.model_config)
+    )
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
         hf_config.dtype = str(dtype).removeprefix("torch.")
@@ -314,63 +364,45 @@ def convert_to_hf(
     return out
 
 
-def olmo_core_config_from_hf(config: OlmoeSpattnConfig) -> Any:
-    """The OLMo-core ``TransformerConfig`` of a HF config (OLMoE preset, resized)."""
-    from olmo_core.nn.transformer import TransformerConfig
+def convert_from_hf(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    attention: str | None = None,
+    partition_len: int | str | None = None,
+    backend: str | None = None,
+) -> Path:
+    """HF directory -> OLMo-core checkpoint that training starts from.
 
-    rope_theta = float((config.rope_parameters or {}).get("rope_theta", 500_000))
-    model_config = TransformerConfig.olmoe_1B_7B(
-        vocab_size=config.vocab_size,
-        d_model=config.hidden_size,
-        n_layers=config.num_hidden_layers,
-        n_heads=config.num_attention_heads,
-        rope_theta=rope_theta,
-    )
-    block = model_config.block
-    att = block.sequence_mixer
-    if config.num_key_value_heads != config.num_attention_heads:
-        att.n_kv_heads = config.num_key_value_heads
-    eps = float(config.rms_norm_eps)
-    block.layer_norm.eps = eps
-    att.qk_norm.eps = eps
-    model_config.lm_head.layer_norm.eps = eps
-    moe = block.feed_forward_moe
-    moe.num_experts = config.num_experts
-    moe.hidden_size = config.intermediate_size
-    moe.name = config.olmo_core_expert_layout
-    moe.router.top_k = config.num_experts_per_tok
-    moe.router.normalize_expert_weights = 1.0 if config.norm_topk_prob else None
-    model_config.tie_word_embeddings = bool(config.tie_word_embeddings)
-    spec = config.band_spec()
-    if spec.pattern != "dense":
-        try:
-            from ..olmo import with_attention
-        except ImportError as err:
-            raise CheckpointError(
-                "converting a band model back to OLMo-core needs olmoe_spattn.olmo (the OLMo-core integration)"
-            ) from err
-        model_config = with_attention(model_config, spec.pattern, spec.partition_len, "auto")
-    return model_config
-
-
-def convert_from_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """HF directory -> unsharded OLMo-core checkpoint (``model.safetensors`` + ``config.json``)."""
+    Writes ``model.safetensors`` + ``config.json`` (experiment config with the model) +
+    ``model_and_optim/`` (the same weights as a weights-only distributed checkpoint, what
+    ``train.load_path`` reads) + ``tokenizer/``. ``attention`` switches the attention (the
+    weights do not depend on it); a band pattern on a dense source needs ``partition_len``.
+    """
+    from olmo_core.distributed.checkpoint import save_state_dict
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
     config, hf_state = read_hf_dir(model_dir)
-    state = hf_to_olmo_core(hf_state, moe_shape_of_hf(config))
-    model_config = olmo_core_config_from_hf(config)
+    model_config = olmo_core_config_from_hf(config, attention=attention, partition_len=partition_len, backend=backend)
+    state = hf_to_olmo_core(hf_state, config, moe_shape_of_hf(config), expected_keys=_state_keys(model_config))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    dcp = out / "model_and_optim"
+    if dcp.exists():
+        shutil.rmtree(dcp)
+    save_state_dict(str(dcp), {"model": state})
     tokenizer = {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "vocab_size": config.vocab_size,
     }
-    experiment = {"model": model_config.as_config_dict(), "tokenizer": tokenizer, "spattn": _spec_dict(config.band_spec())}
+    spec = band_spec_of_model_config(model_config)
+    experiment = {"model": model_config.as_config_dict(), "tokenizer": tokenizer, "spattn": _spec_dict(spec),
+                  "source": {"hf_dir": str(model_dir), "model_type": config.model_type}}
     (out / "config.json").write_text(json.dumps(experiment, indent=2, default=str))
     if (model_dir / "tokenizer.json").is_file():
         tok_dir = out / "tokenizer"
@@ -379,6 +411,12 @@ def convert_from_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tok_dir / name)
     return out
+
+
+def _state_keys(model_config: Any) -> set[str]:
+    """State-dict keys of the model ``model_config`` builds (built on the meta device)."""
+    with torch.device("meta"):
+        return set(model_config.build(init_device="meta").state_dict())
 
 
 def _spec_dict(spec: BandSpec) -> dict[str, object]:

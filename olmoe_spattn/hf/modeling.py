@@ -14,8 +14,9 @@ from transformers.models.flex_olmo.modeling_flex_olmo import (
     FlexOlmoModel,
     FlexOlmoPreTrainedModel,
 )
+from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM, OlmoeModel, OlmoePreTrainedModel
 
-from .configuration import ATTN_IMPLEMENTATION, OlmoeSpattnConfig
+from .configuration import ATTN_IMPLEMENTATION, OlmoeSpattnConfig, OlmoeSpattnPrenormConfig
 
 
 class _BandAttentionMixin:
@@ -60,4 +61,37 @@ class OlmoeSpattnForCausalLM(_BandAttentionMixin, FlexOlmoForCausalLM):
         self.post_init()
 
 
-__all__ = ["OlmoeSpattnForCausalLM", "OlmoeSpattnModel", "OlmoeSpattnPreTrainedModel"]
+class OlmoeSpattnPrenormPreTrainedModel(_BandAttentionMixin, OlmoePreTrainedModel):
+    """Base class of the pre-norm (released OLMoE architecture) band model."""
+
+    config_class = OlmoeSpattnPrenormConfig
+    config: OlmoeSpattnPrenormConfig
+
+
+class OlmoeSpattnPrenormModel(_BandAttentionMixin, OlmoeModel):
+    """The pre-norm decoder stack (no LM head)."""
+
+    config_class = OlmoeSpattnPrenormConfig
+    config: OlmoeSpattnPrenormConfig
+
+
+class OlmoeSpattnPrenormForCausalLM(_BandAttentionMixin, OlmoeForCausalLM):
+    """Pre-norm OLMoE causal LM with band attention; load it with ``AutoModelForCausalLM``."""
+
+    config_class = OlmoeSpattnPrenormConfig
+    config: OlmoeSpattnPrenormConfig
+
+    def __init__(self, config: OlmoeSpattnPrenormConfig) -> None:
+        super().__init__(config)
+        self.model = OlmoeSpattnPrenormModel(config)
+        self.post_init()
+
+
+__all__ = [
+    "OlmoeSpattnForCausalLM",
+    "OlmoeSpattnModel",
+    "OlmoeSpattnPreTrainedModel",
+    "OlmoeSpattnPrenormForCausalLM",
+    "OlmoeSpattnPrenormModel",
+    "OlmoeSpattnPrenormPreTrainedModel",
+]

@@ -174,16 +174,23 @@ def olmoe_config(
     lb_loss_weight: float = 0.01,
     z_loss_weight: float = 0.001,
     rope_theta: int = 500_000,
+    block: str = "moe_reordered_norm",
+    layer_norm_eps: float = 1e-6,
 ) -> TransformerConfig:
     """An OLMoE-architecture config (OLMo-core's ``olmoe_1B_7B`` recipe at any size).
 
-    Reordered-norm MoE blocks, QK-norm, RoPE (theta 500k by default), dropless top-k routing with
+    Reordered-norm MoE blocks (``block="moe"``: pre-norm, as released OLMoE checkpoints),
+    QK-norm, RoPE (theta 500k by default), dropless top-k routing with
     load-balancing and router z-loss, then :func:`with_attention`.
     """
     config = TransformerConfig.olmoe_1B_7B(
-        vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, rope_theta=rope_theta
+        vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, rope_theta=rope_theta,
+        block_name=block,
     )
     assert isinstance(config.block, TransformerBlockConfig)
+    config.block.layer_norm.eps = layer_norm_eps
+    config.block.sequence_mixer.qk_norm.eps = layer_norm_eps
+    config.lm_head.layer_norm.eps = layer_norm_eps
     config.block.feed_forward_moe = _moe_config(
         num_experts=num_experts,
         top_k=top_k,
@@ -220,3 +227,25 @@ def tiny_model_config(
         partition_len=partition_len,
         backend=backend,
     )
+
+
+def architecture_of(config: TransformerConfig) -> dict[str, object]:
+    """What makes two OLMoE configs' weights compute the same function (attention pattern and
+    RoPE theta excluded: a checkpoint may continue with other attention or a longer context)."""
+    block = config.block
+    assert isinstance(block, TransformerBlockConfig)
+    att, moe = block.sequence_mixer, block.feed_forward_moe
+    return {
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "block": str(getattr(block.name, "value", block.name)),
+        "layer_norm_eps": float(block.layer_norm.eps),
+        "n_heads": att.n_heads,
+        "n_kv_heads": att.n_kv_heads or att.n_heads,
+        "num_experts": moe.num_experts if moe else None,
+        "expert_hidden_size": moe.hidden_size if moe else None,
+        "top_k": moe.router.top_k if moe else None,
+        "normalize_expert_weights": moe.router.normalize_expert_weights if moe else None,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+    }

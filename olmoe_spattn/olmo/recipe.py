@@ -8,7 +8,7 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     partition_len: null           # null = train.sequence_length; an int >= n_heads; or "dynamic"
     attention_backend: auto       # auto | triton | fa4 | flex | torch
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
-              lb_loss_weight, z_loss_weight, rope_theta}
+              lb_loss_weight, z_loss_weight, rope_theta, block, layer_norm_eps}
     data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,
               eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, document_masking,
               work_dir}
@@ -48,6 +48,10 @@ class ModelSection:
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     rope_theta: int = 500_000  # RoPE base; long-context recipes raise it (OLMo-core's ABF practice)
+    # moe_reordered_norm: OLMo-core's OLMoE preset (norms after attention/MoE); moe: pre-norm,
+    # the architecture of released OLMoE checkpoints (use with layer_norm_eps 1e-5 for those)
+    block: str = "moe_reordered_norm"
+    layer_norm_eps: float = 1e-6
 
 
 @dataclass
@@ -117,6 +121,7 @@ class TrainSection:
 
 
 SCHEDULERS = ("cosine", "wsd", "constant")
+BLOCKS = ("moe_reordered_norm", "moe")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
 AUTOCAST = (None, "bfloat16")
@@ -165,6 +170,8 @@ class Recipe:
             lb_loss_weight=m.lb_loss_weight,
             z_loss_weight=m.z_loss_weight,
             rope_theta=m.rope_theta,
+            block=m.block,
+            layer_norm_eps=m.layer_norm_eps,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,6 +194,9 @@ class Recipe:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size",
                     "rope_theta"):
             _positive(f"model.{key}", getattr(m, key))
+        _choice("model.block", m.block, BLOCKS)
+        if not m.layer_norm_eps > 0:
+            raise ValueError(f"model.layer_norm_eps must be positive, got {m.layer_norm_eps}")
         if m.d_model % m.n_heads:
             raise ValueError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
         if m.top_k > m.num_experts:

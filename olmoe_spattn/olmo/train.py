@@ -167,6 +167,37 @@ def resolve_load_path(load_path: str | None) -> str | None:
     )
 
 
+def check_load_path_architecture(recipe: Recipe, load_path: str | None) -> None:
+    """Raises ``ValueError`` when the checkpoint at ``load_path`` (its ``config.json``) holds a
+    different architecture than the recipe builds (the weights would load but compute
+    something else, e.g. a pre-norm OLMoE into reordered-norm blocks)."""
+    if load_path is None:
+        return
+    path = Path(load_path)
+    candidates = [path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"]
+    config_file = next((c for c in candidates if c.is_file()), None)
+    if config_file is None:
+        log.warning("no config.json found for train.load_path=%s; architecture not checked", load_path)
+        return
+    from ..hf.convert import model_config_from_experiment
+    from .model import architecture_of
+
+    theirs = architecture_of(model_config_from_experiment(json.loads(config_file.read_text()), config_file))
+    ours = architecture_of(recipe.model_config())
+    diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    if diff:
+        keys = {"block": "model.block", "layer_norm_eps": "model.layer_norm_eps", "vocab_size": "model.vocab_size",
+                "d_model": "model.d_model", "n_layers": "model.n_layers", "n_heads": "model.n_heads",
+                "num_experts": "model.num_experts", "expert_hidden_size": "model.expert_hidden_size",
+                "top_k": "model.top_k"}
+        sets = " ".join(f"--set {keys[k]}={v[1]}" for k, v in diff.items() if k in keys)
+        details = ", ".join(f"{k}: recipe {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"train.load_path={load_path!r} holds a different architecture ({details}); "
+            f"match the recipe to it{': ' + sets if sets else ''}"
+        )
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -385,7 +416,9 @@ def train(recipe: Recipe) -> dict[str, float]:
             num_workers=t.num_workers,
         ).build(dataset, dp_process_group=train_module.dp_process_group)
 
-        load_path = resolve_load_path(t.load_path)
+        resuming = Path(save_folder).is_dir() and any(Path(save_folder).glob("step*/model_and_optim"))
+        load_path = None if resuming else resolve_load_path(t.load_path)  # a resume ignores it
+        check_load_path_architecture(recipe, load_path)
         trainer_config = TrainerConfig(
             save_folder=save_folder,
             # continued pretraining: weights only from load_path (fresh optimizer and step);

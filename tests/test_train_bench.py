@@ -22,7 +22,7 @@ def test_bench_train_tiny_on_cpu(tmp_path, capsys):
     assert setting["tokens_per_s"]["dense"] > 0 and setting["tokens_per_s"]["exclusive_bands"] > 0
     assert 0 < setting["attention_share"] <= 1
     assert setting["ideal_bound"]["exclusive_bands"] >= 1.0
-    assert "| tiny | 2 | 32 | 2 | exclusive_bands |" in (tmp_path / "train_bench.md").read_text()
+    assert "| tiny | 2 | 32 | 2 | no | none | exclusive_bands |" in (tmp_path / "train_bench.md").read_text()
 
 
 def test_bench_train_rejects_bad_pattern():

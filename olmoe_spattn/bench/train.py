@@ -8,10 +8,23 @@ q/k/v shapes, times the number of layers) gives the attention share ``s`` of the
 the Amdahl bound ``1 / (1 - s + s * t_band / t_dense)`` each pattern could reach if nothing but
 attention changed; ``ideal`` uses the pattern's share of causal (query, key) pairs instead.
 
+``--compile`` applies OLMo-core's ``Transformer.apply_compile`` (``torch.compile`` per block,
+as ``train.compile: true`` trains) after ``--activation-checkpointing`` (OLMo-core's
+``apply_activation_checkpointing``). Switching the attention in place makes each compiled block
+compile once per variant (the untimed warm-up steps absorb it).
+
+Depth extrapolation (``--extrapolate-to L``, and ``--preset long`` when the full model does not
+fit one GPU by :mod:`olmoe_spattn.olmo.memory`'s estimate): the setting runs at two depths
+``a < b`` (``--layers`` and twice that), per-layer time = ``(step_b - step_a) / (b - a)``, the
+rest (embedding, LM head, loss, their optimizer work) is fixed, and the ``L``-layer row is
+``fixed + L * per-layer``; its attention share and Amdahl bound use ``L`` layers of the
+measured attention core.
+
 Examples:
   olmoe-spattn bench train --model olmoe-1b-7b --layers 2 --seq-len 4096 --batch 4
   olmoe-spattn bench train --model olmoe-0.25b-1.75b --seq-len 16384 --batch 1
   olmoe-spattn bench train --preset paper      # the three settings of the README table
+  olmoe-spattn bench train --preset long --compile   # OLMoE-1B-7B at 16k / 32k / 64k, compiled
 
 Results go to benchmarks/results/<gpu>/train_bench.{json,md}.
 """
@@ -38,6 +51,11 @@ PAPER_SETTINGS = (
     ("olmoe-0.25b-1.75b", 16, 1024, 16),
     ("olmoe-0.25b-1.75b", 16, 16384, 1),
 )
+#: --preset long: OLMoE-1B-7B, batch 1, at these sequence lengths; full depth where one GPU holds
+#: it (by the memory estimate), else measured at LONG_DEPTHS layers and extrapolated.
+LONG_SEQ_LENS = (16384, 32768, 65536)
+LONG_DEPTHS = (2, 4)
+AC_CHOICES = ("none", "attention", "selected_ops")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant (default 3)")
-    parser.add_argument("--preset", choices=("paper",), default=None,
-                        help="run the standard settings (1B-7B 2 layers @4096; 0.25B-1.75B @1024 and @16384)")
+    parser.add_argument("--preset", choices=("paper", "long"), default=None,
+                        help="paper: 1B-7B 2 layers @4096, 0.25B-1.75B @1024 and @16384; long: 1B-7B batch 1 "
+                        "@16384/32768/65536, full 16 layers where one GPU holds them, else extrapolated "
+                        "from 2 and 4 layers")
+    parser.add_argument("--compile", action="store_true",
+                        help="OLMo-core's apply_compile (torch.compile per block), as training with compile")
+    parser.add_argument("--activation-checkpointing", choices=AC_CHOICES, default=None,
+                        help="OLMo-core activation checkpointing (attention: every attention module; "
+                        "default: none, or selected_ops for --preset long)")
+    parser.add_argument("--extrapolate-to", type=int, default=None, metavar="L",
+                        help="also measure at 2x --layers and extrapolate the step time to L layers")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<gpu>)")
     parser.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
 
@@ -77,6 +104,9 @@ class Setting:
     ideal_bound: dict[str, float] = field(default_factory=dict)
     attention_share: float | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    compile: bool = False
+    activation_checkpointing: str = "none"
+    extrapolated_from: list[int] = field(default_factory=list)  # depths measured (empty: measured row)
 
 
 def _recipe(model: str, layers: int | None, seq_len: int | None, batch: int):
@@ -151,6 +181,7 @@ def _time_training_steps(config, setting: Setting, patterns: list[str], args: ar
 
         if grouped_mm_available(device):
             use_grouped_mm_moe(model)
+    prepare_model(model, setting.activation_checkpointing, setting.compile)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -170,6 +201,71 @@ def _time_training_steps(config, setting: Setting, patterns: list[str], args: ar
     return measure_interleaved(
         {n: variant(n) for n in names}, device=device, warmup=args.warmup, iters=args.steps, rounds=args.rounds
     )
+
+
+def prepare_model(model, activation_checkpointing: str, compile: bool) -> None:
+    """OLMo-core's activation checkpointing then ``apply_compile``, in the order training uses."""
+    from olmo_core.nn.transformer.config import TransformerActivationCheckpointingMode as Mode
+
+    if activation_checkpointing == "attention":
+        model.apply_activation_checkpointing(Mode.selected_modules, modules=["blocks.*.attention"])
+    elif activation_checkpointing == "selected_ops":
+        model.apply_activation_checkpointing(Mode.selected_ops)
+    if compile:
+        model.apply_compile()
+
+
+def fits_one_device(model: str, layers: int | None, seq_len: int, batch: int, activation_checkpointing: str,
+                    device: torch.device) -> bool:
+    """Whether :mod:`olmoe_spattn.olmo.memory` estimates the (unsharded) setting fits ``device``."""
+    if device.type != "cuda":
+        return True
+    from ..olmo.memory import estimate
+
+    recipe = _recipe(model, layers, seq_len, batch)
+    recipe.train.data_parallel = "ddp"
+    recipe.train.activation_checkpointing = None if activation_checkpointing == "none" else activation_checkpointing
+    return estimate(recipe, 1).total <= torch.cuda.get_device_properties(device).total_memory
+
+
+def extrapolate(a: Setting, b: Setting, layers: int, patterns: list[str]) -> Setting:
+    """The ``layers``-deep row from rows measured at two depths (see the module doc)."""
+    if a.layers >= b.layers:
+        raise ValueError(f"extrapolation needs two depths a < b, got {a.layers} and {b.layers}")
+    out = Setting(a.model, layers, a.seq_len, a.batch, a.n_heads, a.head_dim, compile=a.compile,
+                  activation_checkpointing=a.activation_checkpointing, extrapolated_from=[a.layers, b.layers])
+    out.errors = {**a.errors, **b.errors}
+    tokens = a.batch * a.seq_len
+    for name in ["dense", *patterns]:
+        if name not in a.step_ms or name not in b.step_ms:
+            continue
+        per_layer = (b.step_ms[name] - a.step_ms[name]) / (b.layers - a.layers)
+        fixed = a.step_ms[name] - a.layers * per_layer
+        out.step_ms[name] = fixed + layers * per_layer
+        out.tokens_per_s[name] = tokens / (out.step_ms[name] / 1e3)
+        if name in b.attn_ms:
+            out.attn_ms[name] = b.attn_ms[name] / b.layers * layers
+    _bounds(out, patterns)
+    return out
+
+
+def _bounds(setting: Setting, patterns: list[str]) -> None:
+    """Speedups, attention share and Amdahl bounds from ``step_ms`` and ``attn_ms``."""
+    dense_step, dense_attn = setting.step_ms.get("dense"), setting.attn_ms.get("dense")
+    for p in patterns:
+        if dense_step and p in setting.step_ms:
+            setting.speedup[p] = dense_step / setting.step_ms[p]
+    if not (dense_step and dense_attn):
+        return
+    s = min(dense_attn / dense_step, 1.0)
+    setting.attention_share = s
+    T = setting.seq_len
+    causal = T * (T + 1) / 2
+    for p in patterns:
+        if p in setting.attn_ms:
+            setting.amdahl_bound[p] = 1 / (1 - s + s * setting.attn_ms[p] / dense_attn)
+        frac = sum(BandSpec(p, setting.n_heads, T).covered_pairs(T)) / (setting.n_heads * causal)
+        setting.ideal_bound[p] = 1 / (1 - s + s * frac)
 
 
 def bench_setting(setting: Setting, patterns: list[str], args: argparse.Namespace, device: torch.device) -> Setting:
@@ -202,19 +298,7 @@ def bench_setting(setting: Setting, patterns: list[str], args: argparse.Namespac
             setting.attn_ms[n] = t.median_ms * setting.layers
         elif t.error:
             setting.errors[f"core:{n}"] = t.error
-    dense_step, dense_attn = setting.step_ms.get("dense"), setting.attn_ms.get("dense")
-    if dense_step and dense_attn:
-        s = min(dense_attn / dense_step, 1.0)
-        setting.attention_share = s
-        T = setting.seq_len
-        causal = T * (T + 1) / 2
-        for p in patterns:
-            if p in setting.step_ms:
-                setting.speedup[p] = dense_step / setting.step_ms[p]
-            if p in setting.attn_ms:
-                setting.amdahl_bound[p] = 1 / (1 - s + s * setting.attn_ms[p] / dense_attn)
-            frac = sum(BandSpec(p, setting.n_heads, T).covered_pairs(T)) / (setting.n_heads * causal)
-            setting.ideal_bound[p] = 1 / (1 - s + s * frac)
+    _bounds(setting, patterns)
     return setting
 
 
@@ -227,16 +311,20 @@ def to_markdown(data: dict) -> str:
         f"# Training throughput, dense vs band attention ({data['device']})",
         "",
         f"Command: `{data['command']}`; backend `{data['backend']}`, MoE `{data['moe']}`, "
-        f"bf16 autocast, fused AdamW; medians of {data['rounds']} interleaved rounds x {data['steps']} steps.",
+        f"bf16 autocast, fused AdamW; medians of {data['rounds']} interleaved rounds x {data['steps']} steps. "
+        "Rows marked `L (a,b)` are extrapolated to L layers from the rows measured at a and b layers.",
         "",
-        "| model | layers | seq | batch | attention | step ms | tokens/s | speedup | attn share (dense) "
+        "| model | layers | seq | batch | compile | AC | attention | step ms | tokens/s | speedup | attn share (dense) "
         "| Amdahl bound (measured kernels) | bound (ideal work) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in data["settings"]:
+        extra = s.get("extrapolated_from") or []
+        layers = f"{s['layers']} ({','.join(map(str, extra))})" if extra else str(s["layers"])
         for name in ["dense", *data["patterns"]]:
             lines.append(
-                f"| {s['model']} | {s['layers']} | {s['seq_len']} | {s['batch']} | {name} | "
+                f"| {s['model']} | {layers} | {s['seq_len']} | {s['batch']} | "
+                f"{'yes' if s.get('compile') else 'no'} | {s.get('activation_checkpointing', 'none')} | {name} | "
                 f"{_fmt(s['step_ms'].get(name), '.1f')} | {_fmt(s['tokens_per_s'].get(name), ',.0f')} | "
                 f"{_fmt(s['speedup'].get(name)) if name != 'dense' else '1.00'} | "
                 f"{_fmt(s['attention_share'], '.1%') if name == 'dense' else ''} | "
@@ -262,10 +350,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch", "steps", "rounds"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.preset == "paper":
-        settings = [Setting(m, layers, seq, batch) for m, layers, seq, batch in PAPER_SETTINGS]
-    else:
-        settings = [Setting(args.model, args.layers or 0, args.seq_len or 0, args.batch)]
+    if args.extrapolate_to is not None and (args.layers is None or args.extrapolate_to <= args.layers):
+        raise ValueError("--extrapolate-to needs --layers smaller than it")
+    plan = _plan(args, device)
     out_dir = Path(args.out_dir) if args.out_dir else Path("benchmarks/results") / gpu_slug(device_name(device))
     data = {
         "device": device_name(device),
@@ -279,18 +366,47 @@ def run(args: argparse.Namespace) -> int:
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "settings": [],
     }
-    for s in settings:
-        t0 = time.perf_counter()
-        print(f"bench train: {s.model} layers={s.layers or 'recipe'} seq={s.seq_len or 'recipe'} batch={s.batch} ...", flush=True)
-        s = bench_setting(
-            Setting(s.model, s.layers or None, s.seq_len or None, s.batch), patterns, args, device  # type: ignore[arg-type]
-        )
-        data["settings"].append(asdict(s))
-        print(_summary_line(s) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
-        _write(data, out_dir)  # after every setting, so a cut-off run keeps what it measured
+    for model, layers, seq, batch, ac, target in plan:
+        depths = [layers, 2 * layers] if target else [layers]
+        measured = []
+        for depth in depths:
+            t0 = time.perf_counter()
+            print(f"bench train: {model} layers={depth or 'recipe'} seq={seq or 'recipe'} batch={batch} "
+                  f"compile={args.compile} ac={ac} ...", flush=True)
+            s = Setting(model, depth or None, seq or None, batch, compile=args.compile,  # type: ignore[arg-type]
+                        activation_checkpointing=ac)
+            s = bench_setting(s, patterns, args, device)
+            measured.append(s)
+            data["settings"].append(asdict(s))
+            print(_summary_line(s) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+            _write(data, out_dir)  # after every setting, so a cut-off run keeps what it measured
+        if target:
+            row = extrapolate(measured[0], measured[1], target, patterns)
+            data["settings"].append(asdict(row))
+            print(_summary_line(row) + f" (extrapolated from {row.extrapolated_from} layers)", flush=True)
+            _write(data, out_dir)
     print(to_markdown(data))
     print(f"wrote {out_dir / 'train_bench.json'} and {out_dir / 'train_bench.md'}")
     return 0
+
+
+def _plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, int, int, int, str, int | None]]:
+    """``(model, layers, seq_len, batch, activation_checkpointing, extrapolate_to)`` per setting
+    (0 = the recipe's value)."""
+    ac = args.activation_checkpointing
+    if args.preset == "paper":
+        return [(m, layers, seq, batch, ac or "none", None) for m, layers, seq, batch in PAPER_SETTINGS]
+    if args.preset == "long":
+        plan = []
+        for seq in LONG_SEQ_LENS:
+            modes = [ac] if ac else list(AC_CHOICES)
+            fit = next((m for m in modes if fits_one_device("olmoe-1b-7b", None, seq, 1, m, device)), None)
+            if fit is not None:
+                plan.append(("olmoe-1b-7b", 0, seq, 1, fit, None))
+            else:
+                plan.append(("olmoe-1b-7b", LONG_DEPTHS[0], seq, 1, ac or "none", 16))
+        return plan
+    return [(args.model, args.layers or 0, args.seq_len or 0, args.batch, ac or "none", args.extrapolate_to)]
 
 
 def _write(data: dict, out_dir: Path) -> None:
@@ -313,10 +429,12 @@ def _summary_line(s: Setting) -> str:
 
 def _argv_echo(args: argparse.Namespace) -> list[str]:
     out = []
-    keys = ("model", "layers", "seq_len", "batch") if args.preset is None else ("preset",)
-    for key in (*keys, "patterns", "backend", "moe", "steps", "rounds", "warmup"):
+    keys = ("model", "layers", "seq_len", "batch", "extrapolate_to") if args.preset is None else ("preset",)
+    for key in (*keys, "patterns", "backend", "moe", "steps", "rounds", "warmup", "activation_checkpointing"):
         value = getattr(args, key, None)
         if value is not None:
             out.append(f"--{key.replace('_', '-')} {value}")
+    if getattr(args, "compile", False):
+        out.append("--compile")
     return out
 

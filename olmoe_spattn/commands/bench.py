@@ -7,6 +7,8 @@
       the Triton kernel alone: every launch configuration, decode steps, host-side costs
   olmoe-spattn bench train ...
       training-step throughput of OLMoE with band vs dense attention
+  olmoe-spattn bench retrieval ...
+      synthetic key-value retrieval trained briefly; accuracy per distance bucket
 
 Run `olmoe-spattn bench <kind> --help` for each kind's options.
 """
@@ -25,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "train": ("olmoe_spattn.bench.train", "measure training-step throughput (tokens/s), band vs dense"),
     "table2": ("olmoe_spattn.bench.table2", "the paper's Table 2 training throughput vs dense and sparse baselines"),
     "quality": ("olmoe_spattn.bench.quality", "train one small model per attention variant on local text; held-out loss"),
+    "retrieval": ("olmoe_spattn.bench.retrieval", "long-range key-value retrieval accuracy per distance, band vs dense"),
 }
 
 

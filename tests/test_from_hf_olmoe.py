@@ -173,3 +173,10 @@ def test_band_training_from_converted_checkpoint_and_back(stock, tmp_path):
     # and back into OLMo-core: bit-identical weights
     again = load_olmo_core_checkpoint(convert_from_hf(hf_back, tmp_path / "again")).state
     assert set(again) == set(trained) and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_cli_format_choices_match_the_converter():
+    from olmoe_spattn.commands.convert import HF_FORMATS as CLI
+    from olmoe_spattn.hf.config_map import HF_FORMATS
+
+    assert CLI == HF_FORMATS

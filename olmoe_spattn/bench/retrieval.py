@@ -30,11 +30,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..api import BACKENDS
 from ..bands import PATTERNS, BandSpec
+
+if TYPE_CHECKING:  # torch loads when the benchmark runs, not for --help
+    import torch
 
 #: token ids: 0 = QUERY marker, then keys, values, filler
 QUERY = 0
@@ -89,6 +91,8 @@ def make_batch(task: Task, batch: int, gen: torch.Generator, distances: torch.Te
     over :meth:`Task.buckets` then uniform inside the bucket. Distractor pairs go to random
     free positions before the query.
     """
+    import torch
+
     T = task.seq_len
     ids = task.n_keys + task.n_values + 1 + torch.randint(0, task.n_filler, (batch, T), generator=gen)  # filler
     if distances is None:
@@ -126,6 +130,7 @@ def make_batch(task: Task, batch: int, gen: torch.Generator, distances: torch.Te
 def accuracy_by_bucket(predicted: torch.Tensor, answers: torch.Tensor, distances: torch.Tensor,
                        buckets: list[tuple[int, int]]) -> list[dict[str, float]]:
     """Per bucket: ``{"lo", "hi", "n", "accuracy"}`` (accuracy ``nan`` for an empty bucket)."""
+
     out = []
     for lo, hi in buckets:
         sel = (distances >= lo) & (distances < hi)
@@ -137,6 +142,8 @@ def accuracy_by_bucket(predicted: torch.Tensor, answers: torch.Tensor, distances
 
 def band_coverage(spec: BandSpec | None, seq_len: int, buckets: list[tuple[int, int]]) -> list[float]:
     """Share of (head, distance) pairs of each bucket inside a head's band, for the last query."""
+    import torch
+
     if spec is None:
         return [1.0 for _ in buckets]
     allowed = spec.mask(seq_len)[:, seq_len - 2, :]  # [H, T] keys the query position sees
@@ -159,6 +166,8 @@ class PatternResult:
 
 
 def _model(task: Task, args: argparse.Namespace, attention: str, device: torch.device):
+    import torch
+
     from ..olmo.model import build_model, olmoe_config
 
     config = olmoe_config(
@@ -177,6 +186,8 @@ def _model(task: Task, args: argparse.Namespace, attention: str, device: torch.d
 
 
 def _answer_logits(model, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch
+
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(ids[:, :-1])  # [B, T-1, V]
     return logits[:, -1].float()  # [B, V]: prediction at the queried key
@@ -184,6 +195,8 @@ def _answer_logits(model, ids: torch.Tensor, device: torch.device) -> torch.Tens
 
 def train_and_score(task: Task, args: argparse.Namespace, attention: str, device: torch.device) -> PatternResult:
     """Trains one attention variant on the task, then scores it per distance bucket."""
+    import torch
+
     model = _model(task, args, attention, device).train()
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.steps // 10)))
@@ -270,7 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .kernel import device_name, gpu_slug
+    import torch
+
+    from .kernel import device_name
+    from .report import gpu_slug
 
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     bad = [p for p in patterns if p not in PATTERNS]

@@ -220,6 +220,8 @@ def fits_one_device(model: str, layers: int | None, seq_len: int, batch: int, ac
     """Whether :mod:`olmoe_spattn.olmo.memory` estimates the (unsharded) setting fits ``device``."""
     if device.type != "cuda":
         return True
+    import torch
+
     from ..olmo.memory import estimate
 
     recipe = _recipe(model, layers, seq_len, batch)

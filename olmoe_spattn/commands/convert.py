@@ -32,7 +32,9 @@ import time
 
 from ..api import BACKENDS
 from ..bands import PATTERNS
-from ..hf.config_map import HF_FORMATS
+
+#: ``--format`` values (as olmoe_spattn.hf.config_map.HF_FORMATS; not imported: --help stays light)
+HF_FORMATS = ("spattn", "olmoe", "flex_olmo")
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     """Measures every sequence length, writing results after each one."""
     import torch
 
-    from .kernel import device_name, gpu_slug
+    from .kernel import device_name
+    from .report import gpu_slug
     from .table2_report import merge_rows, to_markdown
     from .timing import warm_up_device
 

@@ -5,6 +5,12 @@ Only the ``attention`` line (and, when given, ``partition_len`` / ``attention_ba
 validated as a recipe before it is written. Model parameters do not depend on the attention
 pattern, so checkpoints of the two variants are interchangeable.
 
+The toggled recipe trains into a new save folder: ``train.save_folder`` gets the new
+attention as a suffix (``runs/tiny`` -> ``runs/tiny-dense``; a previous ``-<pattern>`` suffix is
+replaced), so it never resumes the other variant's checkpoints. ``--save-folder`` sets it
+explicitly; ``--keep-save-folder`` keeps it (training then refuses the other attention's
+checkpoints unless told ``--allow-attention-change``).
+
 Examples:
   olmoe-spattn toggle configs/olmoe-1b-7b.yaml --attention dense -o configs/my-dense.yaml
   olmoe-spattn toggle my.yaml --attention exclusive_bands          # in place
@@ -99,26 +105,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also set partition_len (int >= n_heads or 'dynamic'; default: keep)")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help="also set attention_backend")
     parser.add_argument("--name", default=None, help="also set the recipe name")
-    parser.add_argument("--save-folder", default=None, help="also set train.save_folder")
+    parser.add_argument("--save-folder", default=None,
+                        help="set train.save_folder (default: the current one with a -<attention> suffix)")
+    parser.add_argument("--keep-save-folder", action="store_true",
+                        help="keep train.save_folder unchanged (the toggled run shares the old run's folder)")
     parser.add_argument("-o", "--out", default=None, help="write here instead of rewriting CONFIG in place ('-' = stdout)")
+
+
+def suffixed_save_folder(text: str, attention: str) -> str:
+    """The recipe's ``train.save_folder`` with ``-<attention>`` replacing any ``-<pattern>`` suffix."""
+    data = yaml.safe_load(text)
+    train = data.get("train") if isinstance(data, dict) else None
+    folder = str((train or {}).get("save_folder") or "runs/olmoe").rstrip("/")
+    for pattern in PATTERNS:
+        folder = folder.removesuffix(f"-{pattern}").removesuffix(f"-{pattern.replace('_', '-')}")
+    return f"{folder}-{attention.replace('_', '-')}"
 
 
 def run(args: argparse.Namespace) -> int:
     src = Path(args.config)
     if not src.exists():
         raise ValueError(f"recipe {str(src)!r} not found")
+    text = src.read_text(encoding="utf-8")
+    if args.save_folder is not None and args.keep_save_folder:
+        raise ValueError("give --save-folder or --keep-save-folder, not both")
+    save_folder = args.save_folder
+    if save_folder is None and not args.keep_save_folder:
+        save_folder = suffixed_save_folder(text, args.attention)
     new = toggle_recipe_text(
-        src.read_text(encoding="utf-8"),
+        text,
         args.attention,
         partition_len=args.partition_len,
         backend=args.backend,
         name=args.name,
-        save_folder=args.save_folder,
+        save_folder=save_folder,
     )
     if args.out == "-":
         sys.stdout.write(new)
         return 0
     dst = Path(args.out) if args.out else src
     dst.write_text(new, encoding="utf-8")
-    print(f"wrote {dst} (attention: {args.attention})")
+    folder = f"; train.save_folder: {save_folder}" if save_folder else ""
+    print(f"wrote {dst} (attention: {args.attention}{folder})")
     return 0

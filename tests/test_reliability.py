@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from olmoe_spattn.cli import main
@@ -159,3 +160,51 @@ def test_eval_compare_refuses_runs_evaluated_differently(tmp_path, capsys, other
     assert main(["eval", "--compare", a, b, "--allow-mismatch"]) == 0
     assert "warning: runs were evaluated differently" in capsys.readouterr().out
     assert main(["eval", "--compare", a, _run(tmp_path / "c.json", "copa", 10)]) == 0
+
+
+# ---------------------------------------------------------------------- band_attention input
+def _qkv(b=1, t=8, h=4, h_kv=4, d=16):
+    return torch.randn(b, t, h, d), torch.randn(b, t, h_kv, d), torch.randn(b, t, h_kv, d)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"h_kv": 0}, "at least one head, got 4 query heads and 0 kv heads"),
+        ({"head_offset": "1"}, r"head_offset must be an integer, got '1' \(str\)"),
+        ({"cu_seqlens": [0, 8]}, "cu_seqlens must be a 1-D integer torch.Tensor .n_docs \\+ 1., got list"),
+        ({"q_offset": -1}, r"q_offset=-1 is out of range.*allowed: an integer in \[0, 0\]"),
+        ({"q_offset": 3}, r"q_offset=3 is out of range.*allowed: an integer in \[0, 0\]"),
+        ({"q_offset": 1.5}, "q_offset=1.5 is out of range"),
+    ],
+)
+def test_band_attention_bad_arguments_are_clear_errors(backend, kwargs, message):
+    from olmoe_spattn import BandSpec, band_attention
+
+    kwargs = dict(kwargs)
+    q, k, v = _qkv(h_kv=kwargs.pop("h_kv", 4))
+    with pytest.raises(ValueError, match=message):
+        band_attention(q, k, v, BandSpec("spattention", 4, 8), backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_flex_and_torch_agree_on_query_offsets(backend):
+    from olmoe_spattn import BandSpec, band_attention
+
+    q, k, v = _qkv(t=12)
+    q = q[:, :5]
+    spec = BandSpec("exclusive_bands", 4, 8)
+    with pytest.raises(ValueError, match=r"q_offset=8 is out of range.*\[0, 7\]"):
+        band_attention(q, k, v, spec, backend, q_offset=8)
+    ref = band_attention(q, k, v, spec, "torch", q_offset=7)
+    torch.testing.assert_close(band_attention(q, k, v, spec, backend, q_offset=7), ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_empty_batch_gives_an_empty_result(backend):
+    from olmoe_spattn import BandSpec, band_attention
+
+    q, k, v = _qkv(b=0)
+    out = band_attention(q, k, v, BandSpec("spattention", 4, 8), backend)
+    assert out.shape == (0, 8, 4, 16)

@@ -208,3 +208,52 @@ def test_empty_batch_gives_an_empty_result(backend):
     q, k, v = _qkv(b=0)
     out = band_attention(q, k, v, BandSpec("spattention", 4, 8), backend)
     assert out.shape == (0, 8, 4, 16)
+
+
+# ---------------------------------------------------------------------- prepare-data
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory) -> Path:
+    from olmoe_spattn.data.tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+def _jsonl(path: Path, n: int, broken_at: int | None = None) -> Path:
+    lines = [json.dumps({"text": f"band attention document {i} " * 5}) for i in range(n)]
+    if broken_at is not None:
+        lines[broken_at] = "{not json"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _prepare(inp: Path, out: Path, tok: Path, *extra: str) -> int:
+    return main(["prepare-data", str(inp), "--tokenizer", str(tok), "--out", str(out),
+                 "--max-tokens-per-file", "200", "--batch-size", "4", *extra])  # fmt: skip
+
+
+def _manifest_matches(out: Path) -> None:
+    from olmoe_spattn.data.prepare import MANIFEST_NAME
+
+    listed = {Path(p).name for p in json.loads((out / MANIFEST_NAME).read_text())["files"]}
+    assert listed == {p.name for p in out.glob("*.npy")} and len(listed) > 1
+
+
+def test_prepare_data_overwrite_keeps_old_dataset_when_new_input_fails(tmp_path, tiny_tok, capsys):
+    out = tmp_path / "tokens"
+    assert _prepare(_jsonl(tmp_path / "a.jsonl", 40), out, tiny_tok) == 0
+    before = _snapshot(out)
+    _manifest_matches(out)
+    assert _prepare(_jsonl(tmp_path / "b.jsonl", 40, broken_at=30), out, tiny_tok, "--overwrite") == 2
+    assert "b.jsonl:31: not valid JSON" in capsys.readouterr().err
+    assert _snapshot(out) == before  # the old dataset is untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+    assert _prepare(_jsonl(tmp_path / "c.jsonl", 25), out, tiny_tok, "--overwrite") == 0
+    _manifest_matches(out)
+    assert _snapshot(out) != before
+
+
+def test_prepare_data_failure_midway_leaves_no_part_files(tmp_path, tiny_tok):
+    out = tmp_path / "tokens"
+    assert _prepare(_jsonl(tmp_path / "a.jsonl", 60, broken_at=50), out, tiny_tok) == 2
+    assert not out.exists()
+    assert list(tmp_path.glob(".*")) == []

@@ -374,11 +374,13 @@ def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), so
 def resolve_recipe_path(path: str | Path) -> Path:
     """``path`` as given, or a bundled recipe name such as ``tiny`` (``configs/tiny.yaml``)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     bundled = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
-    if bundled.exists():
+    if bundled.is_file():
         return bundled
+    if p.exists():
+        raise ValueError(f"recipe {str(path)!r} is not a file (a YAML recipe or a bundled recipe name is expected)")
     available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
     raise ValueError(f"recipe {str(path)!r} not found; bundled recipes: {', '.join(available) or 'none'}")
 
@@ -386,8 +388,6 @@ def resolve_recipe_path(path: str | Path) -> Path:
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     """Reads a YAML recipe (``yaml.safe_load``), applies ``key.path=value`` overrides, validates."""
     p = resolve_recipe_path(path)
-    if not p.is_file():
-        raise ValueError(f"recipe {str(path)!r} is not a file (a YAML recipe or a bundled recipe name is expected)")
     with open(p, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

@@ -15,10 +15,7 @@ from olmoe_spattn.bands import PATTERNS
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["flex", pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason="kernel fix pending"))],
-)
+@pytest.mark.parametrize("backend", ["flex", "triton"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("poison", [math.nan, math.inf])

@@ -76,9 +76,12 @@ def band_attention(
         raise ValueError(f"spec must be a BandSpec, got {type(spec).__name__}")
     from .validation import check_qkv
 
-    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens, q_offset=q_offset)
     if cu_seqlens is not None and q_offset not in (None, 0):
         raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")
+    if q.shape[0] == 0:  # an empty batch attends nothing
+        resolve_backend(backend, q.device)  # an unknown backend name is still refused
+        return q.new_zeros(q.shape)
     if backend == "auto":
         from .dispatch import auto_backend
 

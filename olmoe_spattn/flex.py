@@ -197,6 +197,50 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
+def _attended_keys_cached(
+    spec: BandSpec, q_len: int, kv_len: int, q_offset: int, head_offset: int, n_local: int,
+    cu: tuple[int, ...] | None, device: str,
+) -> torch.Tensor:
+    bounds = document_bounds(cu, kv_len)
+    table = document_interval_tables(spec, bounds, head_offset=head_offset, n_local_heads=n_local).long()
+    used = torch.zeros(n_local, kv_len, dtype=torch.bool)
+    for d, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        q_first, q_last = max(a, q_offset), min(b, q_offset + q_len) - 1  # query positions in the doc
+        if q_last < q_first:
+            continue
+        j = torch.arange(a, b, dtype=torch.int64)[None, None, :]  # [1, 1, n]
+        lo, hi = table[d, :, :, 0, None], table[d, :, :, 1, None]  # [H, MAX_INTERVALS, 1]
+        # some query i in [q_first, q_last] has distance i - j in [lo, hi)
+        hit = (lo < hi) & (torch.maximum(j + lo, torch.tensor(q_first)) <= torch.minimum(j + hi - 1, torch.tensor(q_last)))
+        used[:, a:b] = hit.any(dim=1)
+    return used.to(device)
+
+
+def attended_keys(
+    spec: BandSpec,
+    q_len: int,
+    kv_len: int,
+    *,
+    q_offset: int | None = None,
+    head_offset: int = 0,
+    n_local_heads: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[H_local, Tk]`` bool: key ``j`` is attended by at least one query of head ``h``.
+
+    Computed from the distance intervals (no ``[H, Tq, Tk]`` tensor) and cached per shape;
+    equals ``spec.mask(...).any(dim=1)`` (per document with ``cu_seqlens``).
+    """
+    offset = kv_len - q_len if q_offset is None else q_offset
+    n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
+    cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
+    dev = torch.device(device)
+    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
+    return _attended_keys_cached(spec, q_len, kv_len, offset, head_offset, n_local, cu, dev_str)
+
+
 def run_flex(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, scale: float | None
 ) -> torch.Tensor:
@@ -236,9 +280,12 @@ def flex_band_attention(
 ) -> torch.Tensor:
     """The ``"flex"`` backend: same arguments and result as ``band_attention``.
 
+    Keys and values at positions that no query of a kv head's group attends are zeroed
+    first (:func:`attended_keys`): inside a partially masked block FlexAttention multiplies
+    zero weights by V, so a NaN or Inf there would otherwise reach rows that never attend it.
     Raises ``ValueError`` for a CPU backward (not supported by torch's FlexAttention).
     """
-    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens, q_offset=q_offset)
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError(
             "backend='flex' has no backward on CPU (torch's FlexAttention); use backend='torch' "
@@ -248,6 +295,13 @@ def flex_band_attention(
         spec, q.shape[1], k.shape[1], q_offset=q_offset, head_offset=head_offset,
         n_local_heads=q.shape[2], cu_seqlens=cu_seqlens, device=q.device,
     )
+    used = attended_keys(
+        spec, q.shape[1], k.shape[1], q_offset=q_offset, head_offset=head_offset,
+        n_local_heads=q.shape[2], cu_seqlens=cu_seqlens, device=q.device,
+    )  # [H, Tk]
+    used_kv = used.view(k.shape[2], -1, k.shape[1]).any(dim=1)  # [Hkv, Tk]: any head of the group
+    unused = ~used_kv.t()[None, :, :, None]  # [1, Tk, Hkv, 1]
+    k, v = k.masked_fill(unused, 0), v.masked_fill(unused, 0)
     return run_flex(q, k, v, block_mask, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
 
 

@@ -74,7 +74,7 @@ def reference_attention(
     that attend only within themselves, each with its own distances. Output is float64
     and differentiable (empty rows get zero gradient), so it is the gradient oracle too.
     """
-    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens, q_offset=q_offset)
     q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
     h = q.shape[2]
     k64, v64 = _expand_kv(k64, h), _expand_kv(v64, h)
@@ -118,9 +118,12 @@ def sdpa_band_attention(
 
     Same arguments as :func:`reference_attention`; returns ``[B, Tq, H, D]``. Rows with
     no allowed key are computed against one dummy key and then zeroed, so outputs and
-    gradients stay finite (zero) there.
+    gradients stay finite (zero) there. Keys and values at positions that no query of a
+    head attends are zeroed for that head first, so a NaN or Inf there never reaches an
+    output. (A key that some queries of the head attend still meets the others in SDPA's
+    matmuls: non-finite values there can reach rows that do not attend them.)
     """
-    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
+    check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens, q_offset=q_offset)
     h = q.shape[2]
     tq, tk = q.shape[1], k.shape[1]
     default_offset = tk - tq if q_offset is None else q_offset
@@ -135,11 +138,17 @@ def sdpa_band_attention(
             n_local_heads=h, device=q.device,
         )  # [H, Tq, Tk]
         has_key = mask.any(dim=-1, keepdim=True)  # [H, Tq, 1]
+        # keys no query of a head attends are zeroed for that head: SDPA adds the mask to the
+        # scores and multiplies the weights by V, so a NaN/Inf there would reach every row
+        unused = ~mask.any(dim=1)[None, :, :, None]  # [1, H, Tk, 1]
+        kk, vv = kk.masked_fill(unused, 0), vv.masked_fill(unused, 0)
         safe_mask = mask.clone()
         safe_mask[..., 0] |= ~has_key[..., 0]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=safe_mask[None], scale=scale)
         o = o * has_key[None].to(o.dtype)  # [1, H, Tq, D]
         outs.append(o.transpose(1, 2))  # [1, Tq, H, D]
+    if not outs:  # empty batch
+        return q.new_zeros(q.shape)
     if cu_seqlens is None:
         return torch.cat(outs, dim=0)
     return torch.cat(outs, dim=1)

@@ -17,6 +17,7 @@ def check_qkv(
     *,
     head_offset: int = 0,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int | None = None,
 ) -> None:
     """Validates ``q [B, Tq, H, D]``, ``k, v [B, Tk, Hkv, D]`` against ``spec``.
 
@@ -41,20 +42,40 @@ def check_qkv(
     if k.shape[3] != d:
         raise ValueError(f"q has head_dim {d} but k has head_dim {k.shape[3]}")
     h_kv = k.shape[2]
+    if h < 1 or h_kv < 1:
+        raise ValueError(f"q and k need at least one head, got {h} query heads and {h_kv} kv heads")
     if h % h_kv != 0:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({h_kv}) for GQA")
+    if isinstance(head_offset, bool) or not isinstance(head_offset, int):
+        raise ValueError(f"head_offset must be an integer, got {head_offset!r} ({type(head_offset).__name__})")
     if head_offset < 0 or head_offset + h > spec.n_heads:
         raise ValueError(
             f"head_offset={head_offset} with {h} local heads exceeds the spec's n_heads={spec.n_heads}"
         )
+    if q_offset is not None:
+        check_q_offset(q_offset, q_len=q.shape[1], kv_len=k.shape[1])
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, total=q.shape[1], batch=b)
         if k.shape[1] != q.shape[1]:
             raise ValueError("with cu_seqlens, q and k must have the same (packed) length")
 
 
+def check_q_offset(q_offset: object, *, q_len: int, kv_len: int) -> None:
+    """Queries sit at key positions ``q_offset .. q_offset + q_len - 1``: all must exist."""
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or not 0 <= q_offset <= kv_len - q_len:
+        raise ValueError(
+            f"q_offset={q_offset!r} is out of range: the {q_len} queries sit at key positions "
+            f"q_offset..q_offset+{q_len - 1} of the {kv_len} keys, so allowed: an integer in "
+            f"[0, {kv_len - q_len}]" + (" (q is longer than k: no offset fits)" if q_len > kv_len else "")
+        )
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, *, total: int, batch: int) -> None:
     """``cu_seqlens`` must be an int tensor ``[n_docs + 1]`` from 0 to ``total``, non-decreasing."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer torch.Tensor [n_docs + 1], got {type(cu_seqlens).__name__}"
+        )
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch must be packed to size 1, got batch={batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():

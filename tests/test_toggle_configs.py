@@ -59,10 +59,15 @@ def test_checkpoint_config_json_toggles_to_dense_and_back(checkpoint_config, tmp
     assert main(["toggle", str(checkpoint_config), "--attention", "dense", "-o", str(out)]) == 0
     dense = json.loads(out.read_text())
     assert band_spec_of(_model(dense)) is None
-    assert _without_mixers(dense) == _without_mixers({**original, "recipe": dense["recipe"]})
+    # a new save folder, so the toggled run never resumes the band run's checkpoints
+    old_folder = original["trainer"]["save_folder"].rstrip("/")
+    assert dense["trainer"]["save_folder"] == f"{old_folder}-dense"
+    assert dense["recipe"]["train"]["save_folder"] == f"{old_folder}-dense"
+    trainer = {**original["trainer"], "save_folder": dense["trainer"]["save_folder"]}
+    assert _without_mixers(dense) == _without_mixers({**original, "recipe": dense["recipe"], "trainer": trainer})
     assert dense["recipe"]["attention"] == "dense"
-    assert {k: v for k, v in dense["recipe"].items() if k != "attention"} == \
-        {k: v for k, v in original["recipe"].items() if k != "attention"}
+    assert {k: v for k, v in dense["recipe"].items() if k not in ("attention", "train")} == \
+        {k: v for k, v in original["recipe"].items() if k not in ("attention", "train")}
     # back to band: the dense config records no partition, the experiment's sequence length is used
     back = tmp_path / "band.json"
     assert main(["toggle", str(out), "--attention", "exclusive_bands", "-o", str(back)]) == 0
@@ -92,6 +97,9 @@ def test_olmo_core_olmoe_config_toggles(tmp_path, fmt, wrapped):
     spec = band_spec_of(_model(new))
     assert (spec.pattern, spec.partition_len) == ("spattention", 4096 if wrapped else 2048)
     assert spec.n_heads == 16
+    if wrapped:  # the toggled experiment trains into its own folder
+        assert new["trainer"]["save_folder"] == "/ckpt/olmoe-spattention"
+        data = {**data, "trainer": {"save_folder": "/ckpt/olmoe-spattention"}}
     assert _without_mixers(new) == _without_mixers(data)
     mixer = (new["model"] if wrapped else new)["block"]["sequence_mixer"]
     old = model["block"]["sequence_mixer"]

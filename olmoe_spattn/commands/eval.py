@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="result JSON to write (default: eval-<name>.json)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_JSON", help="compare result files")
     parser.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="--compare runs evaluated on different task sets, few-shot counts or --limit (refused by default: "
+        "their numbers are not comparable)",
+    )
 
 
 def _run_name(model_dir: Path) -> str:
@@ -65,6 +71,17 @@ def _limit(value: float | None) -> float | int | None:
     return int(value) if value >= 1 else value
 
 
+def check_task_names(passes: list[Any], known: list[str], include: Path) -> None:
+    """Refuses task names lm-eval does not know (tasks, groups and tags of ``include`` too)."""
+    known_set = set(known)
+    unknown = sorted({t for p in passes for t in p.tasks if t not in known_set})
+    if unknown:
+        raise ValueError(
+            f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (searched lm-eval's tasks and {include}); "
+            "use 'paper' or names listed by `lm_eval --tasks list`"
+        )
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every lm-eval pass for ``args`` and returns the run record."""
     import lm_eval
@@ -78,11 +95,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+    if not any((model_dir / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(
+            f"{model_dir} has no model.safetensors: only safetensors weights are evaluated (pickled "
+            "pytorch_model.bin files are never loaded); write the directory with `olmoe-spattn convert to-hf`"
+        )
     include = Path(args.include_path) if args.include_path else default_include_path()
     if not include.is_dir():
         raise ValueError("cannot find the eval/tasks folder; pass --include-path PATH/TO/eval/tasks")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     passes = expand_tasks(args.tasks, args.num_fewshot)
+    _limit(args.limit)
     cfg = json.loads((model_dir / "config.json").read_text())
     batch_size = args.batch_size
     if cfg.get("partition_len") == "dynamic" and str(batch_size) != "1":
@@ -90,6 +113,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: partition_len is 'dynamic', so --batch-size {batch_size} -> 1 (padding would change the bands)")
         batch_size = "1"
     manager = TaskManager(include_path=str(include))
+    check_task_names(passes, manager.all_tasks, include)  # before the model is loaded
     scores: dict[str, dict[str, float]] = {}
     records = []
     for i, p in enumerate(passes, 1):
@@ -127,12 +151,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.report import compare_markdown, load_run
+    from ..evaluation.report import check_comparable, compare_markdown, load_run
 
     if args.compare:
         if args.model_dir:
             raise ValueError("give either MODEL_DIR (evaluate) or --compare RUN_JSON... (compare), not both")
-        table = compare_markdown([load_run(p) for p in args.compare])
+        runs = [load_run(p) for p in args.compare]
+        check_comparable(runs, args.compare, force=args.allow_mismatch)
+        table = compare_markdown(runs)
     else:
         if not args.model_dir:
             raise ValueError("MODEL_DIR is required (or use --compare RUN_JSON...)")

@@ -17,6 +17,12 @@ Accepted files:
 Model parameters do not depend on the attention pattern, so checkpoints of the two
 variants are interchangeable.
 
+The toggled recipe trains into a new save folder: ``train.save_folder`` gets the new
+attention as a suffix (``runs/tiny`` -> ``runs/tiny-dense``; a previous ``-<pattern>`` suffix is
+replaced), so it never resumes the other variant's checkpoints. ``--save-folder`` sets it
+explicitly; ``--keep-save-folder`` keeps it (training then refuses the other attention's
+checkpoints unless told ``--allow-attention-change``).
+
 Examples:
   olmoe-spattn toggle configs/olmoe-1b-7b.yaml --attention dense -o configs/my-dense.yaml
   olmoe-spattn toggle my.yaml --attention exclusive_bands          # in place
@@ -285,27 +291,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=None, help="also set the band attention backend")
     parser.add_argument("--name", default=None, help="also set the recipe name (recipes only)")
     parser.add_argument("--save-folder", default=None,
-                        help="also set train.save_folder (recipes) or trainer.save_folder (OLMo-core configs)")
+                        help="set train.save_folder (recipes) or trainer.save_folder (OLMo-core configs); "
+                        "default: the current one with a -<attention> suffix")
+    parser.add_argument("--keep-save-folder", action="store_true",
+                        help="keep the save folder unchanged (the toggled run shares the old run's folder)")
     parser.add_argument("-o", "--out", default=None, help="write here instead of rewriting CONFIG in place ('-' = stdout)")
+
+
+def suffixed_save_folder(data: object, attention: str) -> str | None:
+    """The config's save folder with ``-<attention>`` replacing any ``-<pattern>`` suffix:
+    ``train.save_folder`` of a recipe, ``trainer.save_folder`` of an OLMo-core config
+    (``None`` when that config names none)."""
+    if is_olmo_core_config(data):
+        trainer = data.get("trainer") if isinstance(data, dict) else None
+        folder = (trainer or {}).get("save_folder") if isinstance(trainer, dict) else None
+        if not folder:
+            return None
+    else:
+        train = data.get("train") if isinstance(data, dict) else None
+        folder = (train or {}).get("save_folder") if isinstance(train, dict) else None
+        folder = folder or "runs/olmoe"
+    folder = str(folder).rstrip("/")
+    for pattern in PATTERNS:
+        folder = folder.removesuffix(f"-{pattern}").removesuffix(f"-{pattern.replace('_', '-')}")
+    return f"{folder}-{attention.replace('_', '-')}"
 
 
 def run(args: argparse.Namespace) -> int:
     src = Path(args.config)
     if not src.exists():
         raise ValueError(f"config {str(src)!r} not found")
+    if src.is_dir():
+        raise ValueError(f"config {str(src)!r} is a directory; give a recipe YAML or an OLMo-core config file")
+    text = src.read_text(encoding="utf-8")
+    if args.save_folder is not None and args.keep_save_folder:
+        raise ValueError("give --save-folder or --keep-save-folder, not both")
+    is_json = src.suffix.lower() == ".json"
+    save_folder = args.save_folder
+    if save_folder is None and not args.keep_save_folder:
+        try:
+            data = json.loads(text) if is_json else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"{str(src)!r} is not valid {'JSON' if is_json else 'YAML'}: {err}") from err
+        save_folder = suffixed_save_folder(data, args.attention)
     new = toggle_file_text(
-        src.read_text(encoding="utf-8"),
+        text,
         args.attention,
-        is_json=src.suffix.lower() == ".json",
+        is_json=is_json,
         partition_len=args.partition_len,
         backend=args.backend,
         name=args.name,
-        save_folder=args.save_folder,
+        save_folder=save_folder,
     )
     if args.out == "-":
         sys.stdout.write(new)
         return 0
     dst = Path(args.out) if args.out else src
     dst.write_text(new, encoding="utf-8")
-    print(f"wrote {dst} (attention: {args.attention})")
+    folder = f"; train.save_folder: {save_folder}" if save_folder else ""
+    print(f"wrote {dst} (attention: {args.attention}{folder})")
     return 0

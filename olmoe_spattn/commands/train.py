@@ -7,7 +7,9 @@ Examples:
   torchrun --nproc-per-node 8 -m olmoe_spattn.cli train configs/olmoe-1b-7b.yaml
 
 Checkpoints go to train.save_folder; running the same command again resumes from the latest
-checkpoint there (model, optimizer, data position, step). Progress, loss, tokens/s, MFU and
+checkpoint there (model, optimizer, data position, step). A folder of another run (other
+attention or model shape) or with unreadable checkpoints is refused, never overwritten: use a
+new train.save_folder, or --overwrite to delete its checkpoints and start over. Progress, loss, tokens/s, MFU and
 expert load balance are logged to the console (and W&B with --set train.wandb=true), and every
 step's metrics are appended to <save_folder>/metrics.jsonl.
 """
@@ -38,6 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the resolved recipe, parameter counts (total/active) and per-layer attention "
         "pattern, then exit without training",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in train.save_folder: delete its step folders, metrics.jsonl and run "
+        "record first (default: resume, and refuse a folder of another run or with unreadable checkpoints)",
+    )
+    parser.add_argument(
+        "--allow-attention-change",
+        action="store_true",
+        help="resume the save folder's checkpoint although it was trained with another attention "
+        "pattern / partition_len (on purpose: the weights are the same tensors; the model shape must match)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(recipe))
         return 0
-    metrics = train(recipe)
+    metrics = train(recipe, overwrite=args.overwrite, allow_attention_change=args.allow_attention_change)
     if metrics:
         loss = metrics.get("train/CE loss")
         tps = _median_tokens_per_second(recipe.train.save_folder)

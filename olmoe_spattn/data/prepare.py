@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -324,8 +326,12 @@ def prepare_data(
     Each document becomes ``tokenize(text) + [EOS]``; empty (whitespace-only) documents are
     skipped and counted. A progress bar (input bytes, documents, tokens) redraws at most every
     ``progress_every`` seconds (negative: no bar); the start and summary lines go to ``log``.
-    Raises ``ValueError`` for bad inputs or settings; on error no
-    finished-looking file is left for the failed part.
+    Raises ``ValueError`` for bad inputs or settings.
+
+    Everything is written into a temporary folder beside ``output_dir`` and moved into place
+    only when the whole input was read: a failure leaves ``output_dir`` as it was (with
+    ``overwrite``, the old dataset is deleted only after the new one succeeded), and
+    ``prepare_data.json`` always lists exactly the files beside it.
     """
     for name, value in (("max_tokens_per_file", max_tokens_per_file), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -342,16 +348,61 @@ def prepare_data(
         raise ValueError(f"output directory {str(out)!r} already holds .npy files; pass --overwrite to replace them")
     tok = load_tokenizer(tokenizer, eos_token_id=eos_token_id)
     np_dtype = choose_dtype(tok.vocab_size, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in list(out.glob("*.npy")) + list(out.glob("*.csv.gz")) + [out / MANIFEST_NAME]:
-            stale.unlink(missing_ok=True)
     log(
         f"prepare-data: {len(files)} input file(s) -> {out} | tokenizer {tok.identifier} "
         f"(vocab {tok.vocab_size}, eos {tok.eos_token_id}) | dtype {np_dtype.name}"
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = _tokenize_into(staging, out, files, tok, np_dtype, text_field, max_tokens_per_file,
+                                batch_size, max_documents, progress_every, log)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(
+        f"done: {result.n_documents:,} docs, {result.n_tokens:,} tokens in {len(result.files)} file(s), "
+        f"{result.seconds:.2f}s, {result.tokens_per_second:,.0f} tokens/s"
+        + (f" ({result.n_skipped_empty} empty document(s) skipped)" if result.n_skipped_empty else "")
+    )
+    return result
 
-    writer = TokenFileWriter(out, np_dtype, max_tokens_per_file)
+
+def _dataset_files(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("*.npy"), *folder.glob("*.csv.gz")])
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Publishes a finished dataset: a new folder is renamed into place at once; into an existing
+    one the old manifest goes first, then the old token files, and the new manifest comes last,
+    so a manifest on disk always lists exactly the files beside it."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in _dataset_files(out):
+        stale.unlink()
+    for fresh in _dataset_files(staging):
+        fresh.replace(out / fresh.name)
+    (staging / MANIFEST_NAME).replace(out / MANIFEST_NAME)
+
+
+def _tokenize_into(
+    staging: Path,
+    out: Path,
+    files: list[Path],
+    tok: TokenizerInfo,
+    np_dtype: np.dtype,
+    text_field: str,
+    max_tokens_per_file: int,
+    batch_size: int,
+    max_documents: int | None,
+    progress_every: float,
+    log: Log,
+) -> PrepareResult:
+    """Writes the token files and the manifest (naming the files as they will be in ``out``)
+    into ``staging``."""
+    writer = TokenFileWriter(staging, np_dtype, max_tokens_per_file)
     eos = np.array([tok.eos_token_id], dtype=np.int64)
     n_docs = n_tokens = n_empty = 0
     start = time.perf_counter()
@@ -404,7 +455,7 @@ def prepare_data(
 
     result = PrepareResult(
         output_dir=str(out),
-        files=[str(p) for p in written],
+        files=[str(out / p.name) for p in written],
         dtype=np_dtype.name,
         tokenizer=tok.identifier,
         vocab_size=tok.vocab_size,
@@ -416,10 +467,5 @@ def prepare_data(
         inputs=[str(p) for p in files],
         seconds=round(seconds, 3),
     )
-    (out / MANIFEST_NAME).write_text(json.dumps(asdict(result), indent=2) + "\n")
-    log(
-        f"done: {n_docs:,} docs, {n_tokens:,} tokens in {len(written)} file(s), {seconds:.2f}s, "
-        f"{result.tokens_per_second:,.0f} tokens/s"
-        + (f" ({n_empty} empty document(s) skipped)" if n_empty else "")
-    )
+    (staging / MANIFEST_NAME).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result

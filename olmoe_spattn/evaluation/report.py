@@ -42,6 +42,27 @@ def load_run(path: str | Path) -> dict[str, Any]:
     return run
 
 
+def _settings(run: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs' scores comparable: the task set, few-shot counts and the limit."""
+    passes = run.get("passes") or []
+    shots = sorted({str(p.get("num_fewshot")) for p in passes if isinstance(p, dict)})
+    return {"tasks": run.get("tasks"), "num_fewshot": shots, "limit": run.get("limit")}
+
+
+def check_comparable(runs: list[dict[str, Any]], paths: list[Any], *, force: bool = False) -> None:
+    """Refuses to compare runs evaluated on different tasks, few-shot counts or limits
+    (``force``: print a warning instead)."""
+    first = _settings(runs[0])
+    for run, path in zip(runs[1:], paths[1:]):
+        other = _settings(run)
+        diff = [f"{k}: {first[k]!r} in {paths[0]} vs {other[k]!r} in {path}" for k in first if first[k] != other[k]]
+        if diff:
+            message = "runs were evaluated differently (" + "; ".join(diff) + ")"
+            if not force:
+                raise ValueError(message + "; their scores are not comparable (pass --allow-mismatch to show them anyway)")
+            print(f"warning: {message}")
+
+
 def _pick(metrics: dict[str, float], task: str) -> float | None:
     base = task.split("@", 1)[0]
     for metric in (PREFERRED_METRIC.get(base), "acc", "acc_norm", "exact_match"):

@@ -37,7 +37,8 @@ import torch
 from ..bands import BandSpec
 from .checkpoint_io import (
     CheckpointError,
-    check_dcp_metadata,
+    check_dcp_checkpoint,
+    check_output_dir,
     read_hf_weights,
     read_json,
     read_safetensors,
@@ -197,7 +198,7 @@ def load_olmo_core_checkpoint(checkpoint: str | Path, *, config_path: str | Path
 def _load_dcp(dcp_dir: Path, model_config: Any) -> dict[str, torch.Tensor]:
     from olmo_core.distributed.checkpoint import load_model_and_optim_state
 
-    check_dcp_metadata(dcp_dir)
+    check_dcp_checkpoint(dcp_dir)  # index and every .distcp item, before OLMo-core unpickles them
     model = model_config.build(init_device="meta")
     model.to_empty(device=torch.device("cpu"))
     try:
@@ -328,6 +329,7 @@ def convert_to_hf(
     ``generate`` assume); default: the experiment's ``dataset.sequence_length``, else the
     partition length, else 4096.
     """
+    check_output_dir(checkpoint, out_dir)
     from tqdm import tqdm
 
     bar = tqdm(total=4, desc="convert to-hf", unit="step", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
@@ -383,6 +385,7 @@ def convert_from_hf(
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
+    check_output_dir(model_dir, out_dir)
     config, hf_state = read_hf_dir(model_dir)
     model_config = olmo_core_config_from_hf(config, attention=attention, partition_len=partition_len, backend=backend)
     state = hf_to_olmo_core(hf_state, config, moe_shape_of_hf(config), expected_keys=_state_keys(model_config))

@@ -94,7 +94,7 @@ class TrainSection:
     scheduler: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 2000
     decay_fraction: float = 0.1  # wsd only
-    max_grad_norm: float = 1.0
+    max_grad_norm: Union[float, None] = 1.0  # null = no gradient clipping
     seed: int = 42
     save_folder: str = "runs/olmoe"
     # Start weights (continued pretraining): an OLMo-core checkpoint folder (a training step
@@ -221,14 +221,7 @@ class Recipe:
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                 f"train.rank_microbatch_size={t.rank_microbatch_size}"
             )
-        if not (t.lr > 0 and math.isfinite(t.lr)):
-            raise ValueError(f"train.lr must be a positive number, got {t.lr}")
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
-        if t.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        self._check_ranges()
         _choice("train.scheduler", t.scheduler, SCHEDULERS)
         _choice("train.device", t.device, DEVICES)
         _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
@@ -254,6 +247,57 @@ class Recipe:
             )
 
 
+    def _check_ranges(self) -> None:
+        """Every numeric hyperparameter within its range (NaN and infinities refused)."""
+        m, t, d = self.model, self.train, self.data
+        _number("model.lb_loss_weight", m.lb_loss_weight, low=0.0)
+        _number("model.z_loss_weight", m.z_loss_weight, low=0.0)
+        _positive("data.synthetic_tokens", d.synthetic_tokens)
+        if d.tokenizer.bos_token_id is not None and not 0 <= d.tokenizer.bos_token_id < d.tokenizer.vocab_size:
+            raise ValueError(
+                f"data.tokenizer.bos_token_id={d.tokenizer.bos_token_id} is outside [0, {d.tokenizer.vocab_size}) or null"
+            )
+        _number("train.lr", t.lr, low=0.0, low_open=True)
+        _number("train.min_lr_ratio", t.min_lr_ratio, low=0.0, high=1.0)
+        _number("train.weight_decay", t.weight_decay, low=0.0)
+        if len(t.betas) != 2:
+            raise ValueError(f"train.betas={t.betas} must be two numbers in [0, 1)")
+        for i, b in enumerate(t.betas):
+            _number(f"train.betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        _number("train.eps", t.eps, low=0.0, low_open=True)
+        _number("train.decay_fraction", t.decay_fraction, low=0.0, high=1.0)
+        _number("train.max_grad_norm", t.max_grad_norm, low=0.0, low_open=True, allow_none=True)
+        _number("train.warmup_steps", t.warmup_steps, low=0)
+        _number("train.seed", t.seed, low=0)
+        _number("train.num_workers", t.num_workers, low=0)
+        _number("train.ephemeral_save_interval", t.ephemeral_save_interval, low=1, allow_none=True)
+
+
+def _number(
+    key: str,
+    value: float | int | None,
+    *,
+    low: float | int,
+    high: float | int | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Raises ``ValueError`` naming ``key``, ``value`` and the allowed range unless ``value`` is a
+    finite number in it (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    ok = value is not None and math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        hi = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        kind = "an integer" if isinstance(low, int) and not isinstance(low, bool) else "a finite number"
+        none = ", or null" if allow_none else ""
+        raise ValueError(f"{key}={value!r} is out of range; allowed: {kind} {lo}{hi}{none}")
+
+
 def _choice(key: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         names = ", ".join("null" if a is None else str(a) for a in allowed)
@@ -262,7 +306,7 @@ def _choice(key: str, value: object, allowed: tuple) -> None:
 
 def _positive(key: str, value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{key} must be a positive integer, got {value}")
+        raise ValueError(f"{key}={value!r} is out of range; allowed: a positive integer (>= 1)")
 
 
 # ---------------------------------------------------------------------- dict -> dataclasses
@@ -347,11 +391,13 @@ def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), so
 def resolve_recipe_path(path: str | Path) -> Path:
     """``path`` as given, or a bundled recipe name such as ``tiny`` (``configs/tiny.yaml``)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     bundled = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
-    if bundled.exists():
+    if bundled.is_file():
         return bundled
+    if p.exists():
+        raise ValueError(f"recipe {str(path)!r} is not a file (a YAML recipe or a bundled recipe name is expected)")
     available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
     raise ValueError(f"recipe {str(path)!r} not found; bundled recipes: {', '.join(available) or 'none'}")
 

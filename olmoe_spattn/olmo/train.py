@@ -4,7 +4,9 @@
 (``TransformerTrainModuleConfig``, ``NumpyFSLDatasetConfig``, ``NumpyDataLoaderConfig``,
 ``TrainerConfig`` with checkpointer / speed-monitor / console / W&B callbacks) and runs
 ``Trainer.fit()``. Checkpoints go to ``train.save_folder``; running the same command again
-resumes from the latest checkpoint there (model, optimizer, data-loader position, step).
+resumes from the latest checkpoint there (model, optimizer, data-loader position, step),
+after :func:`~olmoe_spattn.olmo.resume.prepare_save_folder` has checked that the folder
+belongs to this run (attention, model shape) and that its files hold no pickled code.
 """
 
 from __future__ import annotations
@@ -363,9 +365,11 @@ def _check_parallelism(recipe: Recipe, device: torch.device) -> None:
         )
 
 
-def train(recipe: Recipe) -> dict[str, float]:
+def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bool = False) -> dict[str, float]:
     """Trains ``recipe`` (resuming from ``train.save_folder`` if it holds a checkpoint).
 
+    ``overwrite`` deletes the folder's checkpoints first (a new run); ``allow_attention_change``
+    resumes a checkpoint of another attention on purpose (see :mod:`olmoe_spattn.olmo.resume`).
     Returns the last logged metrics (rank 0; empty elsewhere).
     """
     from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
@@ -374,6 +378,7 @@ def train(recipe: Recipe) -> dict[str, float]:
     from olmo_core.train.common import LoadStrategy
 
     from .model import needs_torch_moe
+    from .resume import prepare_save_folder
 
     device = resolve_device(recipe)
     _check_parallelism(recipe, device)
@@ -381,6 +386,8 @@ def train(recipe: Recipe) -> dict[str, float]:
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     prepare_training_environment(seed=t.seed, backend=backend, shared_filesystem=True)
     try:
+        prepare_save_folder(recipe, overwrite=overwrite, allow_attention_change=allow_attention_change)
+        _barrier()
         paths = ensure_data(recipe)
         save_folder = str(Path(t.save_folder).resolve())
         model_config = recipe.model_config()

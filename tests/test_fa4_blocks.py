@@ -147,3 +147,16 @@ def test_hopper_key_tiles_follow_the_head_dim(head_dim, expected):
 def test_blackwell_query_tiles_cover_two_kernel_tiles():
     assert block_size_for(100, 128) == (256, 128)
     assert block_size_for(103, 64) == (256, 128)
+
+
+def test_tables_have_row_major_strides_even_in_size_one_dimensions():
+    """FA4 reads the innermost stride; one query tile (decode) must not inherit a transposed
+    map's stride there (``Tensor.contiguous()`` leaves size-1 dimensions' strides alone)."""
+    from olmoe_spattn.fa4.blocks import canonical
+
+    base = torch.arange(33 * 4).reshape(4, 1, 33).transpose(1, 2)  # [4, 33, 1], strides (33, 1, 33)
+    assert base.is_contiguous() and base.stride()[-1] == 33
+    fixed = canonical(base)
+    assert fixed.stride() == (33, 1, 1) and torch.equal(fixed, base)
+    same = torch.zeros(2, 3)
+    assert canonical(same) is same

@@ -75,11 +75,26 @@ class BlockTables:
     bwd_full_idx: torch.Tensor
 
 
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides in every dimension, size-1 ones included.
+
+    ``Tensor.contiguous()`` keeps any stride on a size-1 dimension, and FA4's CuTe layer reads
+    the stride of the innermost dimension (``[..., 1]`` tensors, e.g. a one-query-tile table
+    taken from a transposed map, can carry stride 33 there), so FA4 gets fresh copies then."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= size
+    if tuple(x.stride()) == tuple(reversed(expected)):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def _compact(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count [1, H, R], indices [1, H, R, C]) of a bool tile map ``[H, R, n_cols]``."""
     count, idx = sparse_block_indices(blocks)
     width = max(int(count.max().item()) if count.numel() else 0, 1)
-    return count[None].contiguous(), idx[..., :width][None].contiguous()
+    return canonical(count[None]), canonical(idx[..., :width][None])
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)

@@ -24,7 +24,7 @@ import torch
 
 from ..bands import DYNAMIC, BandSpec
 from ..validation import check_qkv
-from .blocks import band_aux_tensors, band_block_tables, block_size_for
+from .blocks import band_aux_tensors, band_block_tables, block_size_for, canonical
 from .support import check_fa4, device_arch
 
 
@@ -97,7 +97,7 @@ def fa4_band_attn(
 
     ``partition_len < 0`` means dynamic.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = canonical(q), canonical(k), canonical(v)
     plan = _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset)
     out, lse = _interface()._flash_attn_fwd(
         q, k, v,
@@ -108,7 +108,7 @@ def fa4_band_attn(
         block_sparse_tensors=plan.fwd,
         return_lse=True,
     )[:2]
-    return out.contiguous(), lse.contiguous()
+    return canonical(out), canonical(lse)
 
 
 @fa4_band_attn.register_fake
@@ -134,17 +134,17 @@ def fa4_band_attn_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`fa4_band_attn`."""
-    q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (canonical(x) for x in (q, k, v, out, grad_out))
     plan = _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset)
     dq, dk, dv = _interface()._flash_attn_bwd(
-        q, k, v, out, grad_out, lse.contiguous(),
+        q, k, v, out, grad_out, canonical(lse),
         softmax_scale=scale,
         causal=plan.causal,
         mask_mod=plan.mask_mod,
         aux_tensors=plan.aux,
         block_sparse_tensors=plan.bwd,
     )[:3]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return canonical(dq), canonical(dk), canonical(dv)
 
 
 @fa4_band_attn_backward.register_fake

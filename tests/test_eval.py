@@ -11,13 +11,9 @@ from pathlib import Path
 import hf_helpers as H
 import pytest
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")
-pytest.importorskip("olmoe_spattn.olmo")
-
-from olmoe_spattn.evaluation.report import compare_markdown, load_run, scores_from_lm_eval  # noqa: E402
-from olmoe_spattn.evaluation.suite import PAPER_PASSES, expand_tasks  # noqa: E402
-from olmoe_spattn.hf.convert import convert_to_hf  # noqa: E402
+from olmoe_spattn.evaluation.report import compare_markdown, load_run, scores_from_lm_eval
+from olmoe_spattn.evaluation.suite import PAPER_PASSES, expand_tasks
+from olmoe_spattn.hf.convert import convert_to_hf
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"

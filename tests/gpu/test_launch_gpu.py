@@ -18,7 +18,6 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-pytest.importorskip("olmo_core")
 if not torch.cuda.is_available():  # pragma: no cover - conftest skips gpu tests anyway
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 

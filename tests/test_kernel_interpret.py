@@ -42,8 +42,9 @@ def _check(spec, q, k, v, *, lse_check=True, grads=True, **kw):
         assert (out.detach()[empty.transpose(1, 2)] == 0).all(), "empty rows must output zeros"
         if (~empty).any():
             # q64, k64 hold exactly the rounded q, k values and the kernel accumulates scores in
-            # fp32, so only accumulation error separates its lse from the float64 one
-            lse_tol = 1e-4 if dtype == torch.float32 else 1e-3
+            # fp32 (fp16 products are exact in fp32), so only fp32 accumulation error (~1e-6 at
+            # these sizes) separates its lse from the float64 one
+            lse_tol = 2e-5
             lse_err = (lse.double() - ref_lse)[~empty].abs().max().item()
             assert lse_err <= lse_tol, f"lse: {lse_err:.3g} > {lse_tol:.3g}"
     if not grads:

@@ -138,3 +138,17 @@ def test_torchrun_two_ranks_on_cpu_matches_one_process(uninterrupted, data_paral
     metrics = read_metrics(tmp / data_parallel)
     for step in (1, 2, 3):
         assert metrics[step][LOSS] == pytest.approx(full[step][LOSS], rel=1e-4), step
+
+
+def test_builtin_text_never_overwrites_an_unpaired_token_file(tmp_path):
+    from olmoe_spattn.olmo.recipe import load_recipe
+    from olmoe_spattn.olmo.tokenizer_files import ensure_builtin_text
+
+    tokens = tmp_path / "mine.npy"
+    tokens.write_bytes(b"\x05\x00" * 10)
+    recipe = load_recipe("tiny", [f"data.paths=[{tokens}]", f"data.tokenizer.identifier={tmp_path / 'tok'}"])
+    with pytest.raises(ValueError, match="builtin_text=false"):
+        ensure_builtin_text(recipe)
+    assert tokens.read_bytes() == b"\x05\x00" * 10
+    with pytest.raises(ValueError, match="data.builtin_text=true needs"):
+        load_recipe("tiny", ["data.synthetic=true"])

@@ -41,7 +41,14 @@ def ensure_builtin_text(recipe: Recipe) -> list[str]:
     data = recipe.data
     tokens = Path(data.paths[0])
     tok_dir = Path(data.tokenizer.identifier or "")
-    if int(os.environ.get("RANK", "0")) == 0 and not (tokens.exists() and (tok_dir / "tokenizer.json").is_file()):
+    has_tokenizer = (tok_dir / "tokenizer.json").is_file()
+    if tokens.exists() and not has_tokenizer:  # never overwrite a token file we cannot pair
+        raise ValueError(
+            f"data.builtin_text: {tokens} exists but its tokenizer directory "
+            f"data.tokenizer.identifier={str(tok_dir)!r} has no tokenizer.json; delete {tokens} to "
+            "rebuild both, or set data.builtin_text=false to train on your own token file"
+        )
+    if int(os.environ.get("RANK", "0")) == 0 and not tokens.exists():
         log.info("tokenizing the built-in text to %s (tokenizer in %s)", tokens, tok_dir)
         write_tiny_text_data(
             tokens,

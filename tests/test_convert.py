@@ -14,12 +14,9 @@ import pytest
 import torch
 
 from olmoe_spattn.bands import PATTERNS
-
-pytest.importorskip("olmoe_spattn.olmo")
-
-from olmoe_spattn.hf import OlmoeSpattnForCausalLM  # noqa: E402
-from olmoe_spattn.hf.checkpoint_io import CheckpointError  # noqa: E402
-from olmoe_spattn.hf.convert import convert_from_hf, convert_to_hf  # noqa: E402
+from olmoe_spattn.hf import OlmoeSpattnForCausalLM
+from olmoe_spattn.hf.checkpoint_io import CheckpointError
+from olmoe_spattn.hf.convert import convert_from_hf, convert_to_hf
 
 CASES = [(p, H.PARTITION_LEN) for p in PATTERNS] + [("spattention", "dynamic")]
 

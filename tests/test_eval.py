@@ -10,14 +10,11 @@ from pathlib import Path
 
 import hf_helpers as H
 import pytest
+import torch
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")
-pytest.importorskip("olmoe_spattn.olmo")
-
-from olmoe_spattn.evaluation.report import compare_markdown, load_run, scores_from_lm_eval  # noqa: E402
-from olmoe_spattn.evaluation.suite import PAPER_PASSES, expand_tasks  # noqa: E402
-from olmoe_spattn.hf.convert import convert_to_hf  # noqa: E402
+from olmoe_spattn.evaluation.report import compare_markdown, load_run, scores_from_lm_eval
+from olmoe_spattn.evaluation.suite import PAPER_PASSES, expand_tasks
+from olmoe_spattn.hf.convert import convert_to_hf
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
@@ -84,7 +81,7 @@ def test_plain_lm_eval_command_runs_band_model(models, our_runs, tmp_path):
         "--model_args", f"pretrained={models['spattention']},trust_remote_code=True",
         "--include_path", str(TASKS), "--tasks", "spattn_offline",
         "--limit", "4", "--device", "cpu", "--batch_size", "2",
-        "--output_path", str(tmp_path / "out"),
+        "--output_path", str(tmp_path / "out"), "--log_samples",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**OFFLINE_ENV, "HF_MODULES_CACHE": str(tmp_path / "mods")})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,6 +92,46 @@ def test_plain_lm_eval_command_runs_band_model(models, our_runs, tmp_path):
     ours = load_run(our_runs["spattention"])["scores"]
     for task in ("spattn_tiny_mc", "spattn_tiny_cloze", "spattn_offline"):
         assert ours[task] == pytest.approx(scores[task]), task
+    _check_loglikelihoods_are_band_not_dense(models["spattention"], tmp_path / "out")
+
+
+def _continuation_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """log P(continuation | context) from an OLMo-core model, tokenized the way lm-eval's HF model
+    does it (trailing context spaces move to the continuation; context and whole encoded alone)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    cont = tok(context + continuation, add_special_tokens=False)["input_ids"][len(ctx) :]
+    ids = torch.tensor([ctx + cont])  # [1, T]
+    logprobs = H.olmo_logits(model, ids[:, :-1]).log_softmax(-1)[0]  # [T - 1, V]
+    return sum(logprobs[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
+
+
+def _check_loglikelihoods_are_band_not_dense(hf_dir: Path, out_dir: Path) -> None:
+    """Every loglikelihood lm_eval logged equals the OLMo-core band model's own (the checkpoint the
+    HF directory was converted from), and not the same weights' with dense attention: scores alone
+    could not tell the two apart."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    band = H.build_olmo_model(H.model_config("spattention"))
+    dense = H.build_olmo_model(H.model_config("dense"))
+    dense.load_state_dict(band.state_dict())
+    files = sorted(out_dir.rglob("samples_*.jsonl"))
+    assert len(files) == 2, files  # spattn_tiny_mc, spattn_tiny_cloze
+    n = differs = 0
+    for file in files:
+        for line in file.read_text().splitlines():
+            sample = json.loads(line)
+            for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+                context, continuation = args["arg_0"], args["arg_1"]
+                logged = float(resp[0][0])
+                want = _continuation_loglikelihood(band, tok, context, continuation)
+                assert logged == pytest.approx(want, rel=1e-4, abs=1e-4), (context, continuation)
+                differs += abs(logged - _continuation_loglikelihood(dense, tok, context, continuation)) > 1e-2
+                n += 1
+    assert n >= 20 and differs >= n // 2, (n, differs)
 
 
 def test_python_m_evaluation_uses_registered_model(models, tmp_path):

@@ -12,10 +12,8 @@ import torch
 from attention_checks import ATOL, CASES, Case, max_err
 
 from olmoe_spattn import BandSpec, band_attention
+from olmoe_spattn.kernels import triton_band_attention
 from olmoe_spattn.reference import reference_attention, sdpa_band_attention
-
-kernels = pytest.importorskip("olmoe_spattn.kernels")
-from olmoe_spattn.kernels import triton_band_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
@@ -43,7 +41,12 @@ def _check(spec, q, k, v, *, lse_check=True, grads=True, **kw):
         assert torch.equal(torch.isinf(lse) & (lse < 0), empty), "lse must be -inf exactly on empty rows"
         assert (out.detach()[empty.transpose(1, 2)] == 0).all(), "empty rows must output zeros"
         if (~empty).any():
-            assert (lse.double() - ref_lse)[~empty].abs().max() <= 1e-4 if dtype == torch.float32 else 2e-2
+            # q64, k64 hold exactly the rounded q, k values and the kernel accumulates scores in
+            # fp32 (fp16 products are exact in fp32), so only fp32 accumulation error (~1e-6 at
+            # these sizes) separates its lse from the float64 one
+            lse_tol = 2e-5
+            lse_err = (lse.double() - ref_lse)[~empty].abs().max().item()
+            assert lse_err <= lse_tol, f"lse: {lse_err:.3g} > {lse_tol:.3g}"
     if not grads:
         return out, lse
     g = torch.randn_like(ref)

@@ -10,16 +10,13 @@ import sys
 import pytest
 import torch
 import yaml
+from olmo_core.exceptions import OLMoConfigurationError
+from olmo_core.nn.attention import Attention, AttentionConfig, SlidingWindowAttentionConfig
+from olmo_core.nn.attention.base import SequenceMixerConfig
+from olmo_core.nn.transformer import TransformerConfig
 
-olmo_core = pytest.importorskip("olmo_core")
-
-from olmo_core.exceptions import OLMoConfigurationError  # noqa: E402
-from olmo_core.nn.attention import Attention, AttentionConfig, SlidingWindowAttentionConfig  # noqa: E402
-from olmo_core.nn.attention.base import SequenceMixerConfig  # noqa: E402
-from olmo_core.nn.transformer import TransformerConfig  # noqa: E402
-
-from olmoe_spattn import BandSpec  # noqa: E402
-from olmoe_spattn.olmo import (  # noqa: E402
+from olmoe_spattn import BandSpec
+from olmoe_spattn.olmo import (
     BandAttention,
     BandAttentionBackend,
     BandAttentionConfig,
@@ -30,7 +27,7 @@ from olmoe_spattn.olmo import (  # noqa: E402
     tiny_model_config,
     with_attention,
 )
-from olmoe_spattn.reference import reference_attention  # noqa: E402
+from olmoe_spattn.reference import reference_attention
 
 VOCAB = 128
 

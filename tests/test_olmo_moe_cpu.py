@@ -6,10 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("olmo_core")
-
-from olmoe_spattn.olmo import build_model, tiny_model_config  # noqa: E402
-from olmoe_spattn.olmo.moe_cpu import TorchDroplessMLP, use_olmo_core_moe, use_torch_moe  # noqa: E402
+from olmoe_spattn.olmo import build_model, tiny_model_config
+from olmoe_spattn.olmo.moe_cpu import TorchDroplessMLP, use_olmo_core_moe, use_torch_moe
 
 
 def _moe_reference(moe, x: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("olmo_core")
-
-from olmoe_spattn.cli import main  # noqa: E402
+from olmoe_spattn.cli import main
 
 
 def test_bench_train_tiny_on_cpu(tmp_path, capsys):

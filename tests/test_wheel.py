@@ -41,7 +41,7 @@ def _build_wheel(tmp: Path) -> Path:
 def test_wheel_runs_bundled_recipe_and_eval_tasks_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("olmoe_spattn/recipes/olmoe-1b-7b.yaml", "olmoe_spattn/recipes/tiny.yaml",
+    for path in ("olmoe_spattn/recipes/olmoe-1b-7b.yaml", "olmoe_spattn/recipes/tiny.yaml", "olmoe_spattn/data/tiny_text.txt",
                  "olmoe_spattn/eval_tasks/paper/paper.yaml", "olmoe_spattn/eval_tasks/offline/utils.py"):
         assert path in names, f"{path} missing from the wheel"
 

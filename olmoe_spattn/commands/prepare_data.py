@@ -105,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
         f"  dtype: {result.dtype}\n"
         f"  tokenizer: {{vocab_size: {result.vocab_size}, eos_token_id: {result.eos_token_id}, "
         f"pad_token_id: {pad}, identifier: '{ident}'}}\n"
-        f"or on the command line: --set 'data.paths=[{glob}]' --set data.dtype={result.dtype} --set data.synthetic=false"
+        f"or on the command line: --set 'data.paths=[{glob}]' --set data.dtype={result.dtype} --set data.synthetic=false --set data.builtin_text=false"
     )
     return 0

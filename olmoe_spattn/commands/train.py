@@ -1,8 +1,8 @@
 """Train an OLMoE model from a YAML recipe with OLMo-core's trainer.
 
 Examples:
-  olmoe-spattn train configs/tiny.yaml                      # CPU demo, synthetic data, ~1 min
-  olmoe-spattn train tiny --set attention=dense             # bundled recipe name, dense twin
+  olmoe-spattn train configs/tiny.yaml                      # CPU demo on the built-in text, ~1 min
+  olmoe-spattn train tiny-dense                             # bundled recipe name: the dense twin
   olmoe-spattn train configs/olmoe-1b-7b.yaml --dry-run     # resolved config, params, patterns
   torchrun --nproc-per-node 8 -m olmoe_spattn.cli train configs/olmoe-1b-7b.yaml
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set train.max_steps=100 --set attention=dense (repeatable; "
+        help="override a recipe value, e.g. --set train.max_steps=100 --set train.lr=1e-3 (repeatable; "
         "values are parsed as YAML)",
     )
     parser.add_argument(

@@ -9,7 +9,7 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     attention_backend: auto       # auto | triton | fa4 | flex | torch
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
               lb_loss_weight, z_loss_weight, rope_theta, block, layer_norm_eps}
-    data:    {paths (files or globs), synthetic, synthetic_tokens, tokenizer: {vocab_size,
+    data:    {paths (files or globs), synthetic, synthetic_tokens, builtin_text, tokenizer: {vocab_size,
               eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, document_masking,
               work_dir}
     train:   see :class:`TrainSection`
@@ -72,6 +72,9 @@ class DataSection:
     paths: list[str] = field(default_factory=list)
     synthetic: bool = False
     synthetic_tokens: int = 500_000
+    # write data.paths[0] from the package's own short English text, tokenized with the tiny
+    # tokenizer built into the local directory data.tokenizer.identifier (see data.tiny_text)
+    builtin_text: bool = False
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     dtype: Union[str, None] = None  # token dtype of the files; null = inferred from vocab_size
     document_masking: bool = False  # attend only within each document (EOS-separated), varlen
@@ -212,6 +215,12 @@ class Recipe:
         _choice("data.dtype", d.dtype, TOKEN_DTYPES)
         if not d.paths:
             raise ValueError("data.paths is empty: list the numpy token files to train on")
+        if d.builtin_text and (d.synthetic or len(d.paths) != 1 or not d.tokenizer.identifier):
+            raise ValueError(
+                "data.builtin_text=true needs exactly one data.paths entry, data.synthetic=false and "
+                "data.tokenizer.identifier set to the local directory the tokenizer is written to; got "
+                f"paths={d.paths}, synthetic={d.synthetic}, identifier={d.tokenizer.identifier!r}"
+            )
         for key in ("sequence_length", "global_batch_size", "rank_microbatch_size", "max_steps",
                     "save_interval", "log_interval", "expert_parallel_degree",
                     "tensor_parallel_degree", "context_parallel_degree"):

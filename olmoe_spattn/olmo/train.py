@@ -115,9 +115,13 @@ def describe(recipe: Recipe) -> str:
 
 
 def ensure_data(recipe: Recipe) -> list[str]:
-    """Checks the token files exist; writes synthetic ones first when ``data.synthetic`` is set."""
+    """Checks the token files exist; writes synthetic ones first when ``data.synthetic`` is set,
+    or the built-in text's tokens and tokenizer when ``data.builtin_text`` is set."""
     from ..data.synthetic import write_synthetic_tokens
+    from .tokenizer_files import ensure_builtin_text
 
+    if recipe.data.builtin_text:
+        return ensure_builtin_text(recipe)
     paths: list[str] = []
     for p in recipe.data.paths:
         if any(c in p for c in "*?["):
@@ -218,6 +222,8 @@ def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
         WandBCallback,
     )
 
+    from .tokenizer_files import tokenizer_callbacks
+
     @dataclass
     class MetricsFileCallback(Callback):
         """Appends each step's metrics (loss, tokens/s, MFU, expert load) to ``metrics.jsonl``."""
@@ -257,6 +263,7 @@ def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
         callbacks["wandb"] = WandBCallback(
             name=recipe.name, project=t.wandb_project, entity=t.wandb_entity, enabled=True
         )
+    callbacks.update(tokenizer_callbacks(recipe))  # copy a local tokenizer into each checkpoint
     crash_at = os.environ.get(CRASH_ENV)
     if crash_at:
         callbacks["crash"] = CrashCallback(at=int(crash_at))

@@ -2,8 +2,9 @@
 
 Rule (FlagAttention's): error vs the float64 oracle <= 2 x the error of masked SDPA in the
 same low precision (forward), resp. of the fp32 masked-SDPA gradient rounded to the dtype
-(backward), plus a small tolerance. Big T checks a few heads, each against a per-head
-oracle, to keep the oracle's ``T x T`` memory bounded. Run with
+(backward), plus a small tolerance; the log-sum-exp on every checked head (``-inf`` exactly
+on empty rows); GQA key/value gradients on every kv head. Big T checks a few heads, one kv
+group at a time, to keep the oracle's ``T x T`` memory bounded. Run with
 ``OLMOE_SPATTN_AUTOTUNE=0`` for speed; ``test_every_launch_config`` covers the tuned space.
 """
 
@@ -34,8 +35,8 @@ def _inputs(b, tq, tk, h, hkv, d, dtype, seed=0):
 
 
 def _check_heads(spec, q, k, v, heads=None, *, head_offset=0, **kw):
-    """Kernel (all heads) vs per-head oracle on ``heads`` (default: all), fwd + bwd."""
-    return check_heads(_kernel(), spec, q, k, v, heads, head_offset=head_offset, **kw)
+    """Kernel (all heads) vs the oracle on ``heads`` (default: all), fwd + bwd + lse."""
+    return check_heads(_kernel(), spec, q, k, v, heads, head_offset=head_offset, lse=True, **kw)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

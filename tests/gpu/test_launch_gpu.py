@@ -7,6 +7,7 @@ checks that it resumes from the saved checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,11 +19,10 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-pytest.importorskip("olmo_core")
 if not torch.cuda.is_available():  # pragma: no cover - conftest skips gpu tests anyway
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from olmoe_spattn.olmo.train import read_metrics  # noqa: E402
+from olmoe_spattn.olmo.train import METRICS_FILE, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SINGLE = ROOT / "launch" / "torchrun_single_node.sh"
@@ -40,7 +40,7 @@ def _launch(tmp_path: Path, steps: int) -> subprocess.CompletedProcess[str]:
         "--set", "attention_backend=triton",
         "--set", f"train.save_folder={tmp_path / 'run'}",
         "--set", f"data.paths=[{tmp_path / 'tokens.npy'}]",
-        "--set", "data.synthetic_tokens=60000",
+        "--set", f"data.tokenizer.identifier={tmp_path / 'tokenizer'}",
     ]
     return subprocess.run(["bash", str(SINGLE), *args], env=env, capture_output=True, text=True,
                           timeout=400, cwd=tmp_path)
@@ -48,6 +48,12 @@ def _launch(tmp_path: Path, steps: int) -> subprocess.CompletedProcess[str]:
 
 def _losses(save: Path) -> dict[int, float]:
     return {step: m["train/CE loss"] for step, m in read_metrics(save).items() if "train/CE loss" in m}
+
+
+def _loss_records(save: Path) -> list[int]:
+    """The step of every loss record in metrics.jsonl in the order written (a rerun step appears twice)."""
+    lines = (save / METRICS_FILE).read_text().splitlines()
+    return [rec["step"] for rec in map(json.loads, filter(str.strip, lines)) if "train/CE loss" in rec]
 
 
 def test_single_node_launcher_nccl_trains_and_resumes(tmp_path):
@@ -64,6 +70,9 @@ def test_single_node_launcher_nccl_trains_and_resumes(tmp_path):
     text2 = second.stdout + second.stderr
     assert second.returncode == 0, text2[-4000:]
     assert "finished: step 12, loss" in text2
+    assert f"Loading checkpoint from '{tmp_path / 'run' / 'step8'}'" in text2, text2[-4000:]
+    assert "Will resume training from step 8" in text2, text2[-4000:]
+    # a resume logs only steps 9-12 again; a restart would log steps 1-8 a second time
+    assert _loss_records(tmp_path / "run") == list(range(1, 13))
     resumed = _losses(tmp_path / "run")
-    assert sorted(resumed) == list(range(1, 13))
-    assert all(resumed[s] == losses[s] for s in range(1, 9))  # the first 8 steps were not rerun
+    assert all(resumed[s] == losses[s] for s in range(1, 9))

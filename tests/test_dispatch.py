@@ -232,6 +232,8 @@ def test_shipped_table_picks_the_faster_kernel_on_every_bench_row(table_path):
             by_cell.setdefault(key, {})["triton" if r["backend"] == "ours" else "fa4"] = r
     checked = 0
     for (shape, pattern, n), cell in by_cell.items():
+        if not any(r["status"] == "ok" for r in cell.values()):
+            continue  # skipped by the run's time budget (no partition length recorded)
         b, h, t, d = shape
         spec = BandSpec(pattern, h, n if n == "dynamic" else int(n))
         for mode, field in (("train", "fwdbwd_ms"), ("infer", "fwd_ms")):

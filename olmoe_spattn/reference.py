@@ -118,10 +118,9 @@ def sdpa_band_attention(
 
     Same arguments as :func:`reference_attention`; returns ``[B, Tq, H, D]``. Rows with
     no allowed key are computed against one dummy key and then zeroed, so outputs and
-    gradients stay finite (zero) there. Keys and values at positions that no query of a
-    head attends are zeroed for that head first, so a NaN or Inf there never reaches an
-    output. (A key that some queries of the head attend still meets the others in SDPA's
-    matmuls: non-finite values there can reach rows that do not attend them.)
+    gradients stay finite (zero) there. A NaN or Inf in a key or value reaches exactly the
+    rows that attend it (as NaN), never the others: such keys are zeroed before SDPA, whose
+    matmuls would otherwise carry them into every row.
     """
     check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens, q_offset=q_offset)
     h = q.shape[2]
@@ -138,14 +137,20 @@ def sdpa_band_attention(
             n_local_heads=h, device=q.device,
         )  # [H, Tq, Tk]
         has_key = mask.any(dim=-1, keepdim=True)  # [H, Tq, 1]
-        # keys no query of a head attends are zeroed for that head: SDPA adds the mask to the
-        # scores and multiplies the weights by V, so a NaN/Inf there would reach every row
-        unused = ~mask.any(dim=1)[None, :, :, None]  # [1, H, Tk, 1]
-        kk, vv = kk.masked_fill(unused, 0), vv.masked_fill(unused, 0)
+        # SDPA adds the mask to the scores and multiplies the weights by V, so one NaN/Inf key
+        # or value would reach every row; such keys are zeroed and only the rows that attend
+        # them get NaN, as exact attention gives
+        bad = ~(torch.isfinite(kk).all(dim=-1) & torch.isfinite(vv).all(dim=-1))  # [1, H, Tk]
+        reached = None
+        if bad.any():
+            reached = (mask[None] & bad[:, :, None, :]).any(dim=-1, keepdim=True)  # [1, H, Tq, 1]
+            kk, vv = kk.masked_fill(bad[..., None], 0), vv.masked_fill(bad[..., None], 0)
         safe_mask = mask.clone()
         safe_mask[..., 0] |= ~has_key[..., 0]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=safe_mask[None], scale=scale)
         o = o * has_key[None].to(o.dtype)  # [1, H, Tq, D]
+        if reached is not None:
+            o = o.masked_fill(reached, float("nan"))
         outs.append(o.transpose(1, 2))  # [1, Tq, H, D]
     if not outs:  # empty batch
         return q.new_zeros(q.shape)

@@ -103,3 +103,31 @@ def test_exclusive_band_tail_keys_poisoned(backend):
     if backend == "triton":
         pytest.importorskip("triton")
     _check(backend, ("exclusive_bands", 4, 4, 16, 1, 32, 32, 0, None, math.inf, "kv"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(), pick=st.integers(0, 10**6))
+def test_torch_backend_keeps_poison_to_the_rows_that_attend_it(case, pick):
+    """Per row, not per head: one poisoned key reaches exactly the queries whose mask allows it."""
+    pattern, n_heads, h_kv, partition_len, batch, tq, tk, q_offset, _, poison, which = case
+    spec = BandSpec(pattern, n_heads, partition_len)
+    gen = torch.Generator().manual_seed(pick)
+    q = torch.randn(batch, tq, n_heads, 16, generator=gen)
+    k = torch.randn(batch, tk, h_kv, 16, generator=gen)
+    v = torch.randn(batch, tk, h_kv, 16, generator=gen)
+    j, g = pick % tk, (pick // tk) % h_kv  # the poisoned key and its kv head
+    clean = band_attention(q, k, v, spec, "torch", q_offset=q_offset)
+    k2, v2 = k.clone(), v.clone()
+    if "k" in which:
+        k2[:, j, g] = poison
+    if "v" in which:
+        v2[:, j, g] = poison
+    out = band_attention(q, k2, v2, spec, "torch", q_offset=q_offset)
+    group = n_heads // h_kv
+    attends = torch.zeros(tq, n_heads, dtype=torch.bool)  # [Tq, H]
+    attends[:, g * group:(g + 1) * group] = spec.mask(tk, q_len=tq, q_offset=q_offset)[
+        g * group:(g + 1) * group, :, j
+    ].t()
+    rows = attends[None, :, :, None].expand_as(out)  # [B, Tq, H, D]
+    assert not torch.isfinite(out[rows]).any(), "a row that attends the poisoned key stayed finite"
+    torch.testing.assert_close(out[~rows], clean[~rows], rtol=1e-5, atol=1e-6)

@@ -29,6 +29,8 @@ import math
 import time
 from pathlib import Path
 
+from .table2 import int_list
+
 VARIANTS: tuple[str, ...] = ("dense", "spattention", "exclusive_bands", "gapped_bands", "sliding_window")
 #: the paper's Table 3 (OLMoE 0.25B-1.75B, downstream average; higher is better)
 PAPER_TABLE3_AVERAGE: dict[str, float] = {
@@ -38,16 +40,6 @@ PAPER_TABLE3_AVERAGE: dict[str, float] = {
 PAPER_CLAIMED_ORDER: tuple[tuple[str, str], ...] = (
     ("spattention", "exclusive_bands"), ("exclusive_bands", "gapped_bands"), ("exclusive_bands", "sliding_window"),
 )
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def _variants(text: str) -> list[str]:
@@ -62,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``olmoe-spattn bench quality``."""
     parser.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
                         help="text files or folders (default: the Python standard library's source)")
-    parser.add_argument("--seq-lens", type=_int_list, default=[1024], help="comma-separated sequence lengths (default 1024)")
+    parser.add_argument("--seq-lens", type=int_list, default=[1024], help="comma-separated sequence lengths (default 1024)")
     parser.add_argument("--variants", type=_variants, default=list(VARIANTS),
                         help=f"comma-separated attention variants (default {','.join(VARIANTS)})")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per variant (default 20M; --tiny: 3 steps)")

@@ -47,7 +47,8 @@ CPU_DEFAULT_VARIANTS: tuple[str, ...] = (
 DEFAULT_BATCH_TOKENS = 16384
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (``1024,4096``)."""
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -71,7 +72,7 @@ def _variants(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``olmoe-spattn bench table2``."""
-    parser.add_argument("--seq-lens", type=_int_list, default=[1024],
+    parser.add_argument("--seq-lens", type=int_list, default=[1024],
                         help="comma-separated sequence lengths (default 1024; the paper's is 1024)")
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                         help=f"tokens per step; batch = max(1, batch_tokens // seq_len) (default {DEFAULT_BATCH_TOKENS})")

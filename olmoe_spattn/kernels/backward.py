@@ -31,27 +31,9 @@ from .common import (
     pair_mask,
     pair_mask_t,
     query_block_ranges,
+    sequence_geometry,
     tile_is_full,
 )
-
-
-@triton.jit
-def _seq_info(z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        b = z * 0
-        seq_start = tl.load(CuSeq + z)
-        tq = tl.load(CuSeq + z + 1) - seq_start
-        tk = tq
-        q_off = seq_start * 0
-        tab = Table + z * table_doc_stride
-    else:
-        b = z
-        seq_start = z * 0
-        tq = tq_arg + z * 0
-        tk = tk_arg + z * 0
-        q_off = q_off_arg + z * 0
-        tab = Table
-    return b, seq_start, tq, tk, q_off, tab
 
 
 @triton.jit
@@ -71,7 +53,7 @@ def delta_kernel(
     m = tl.program_id(0)
     h = tl.program_id(1)
     z = tl.program_id(2)
-    b, seq_start, tq, _tk, _q_off, _tab = _seq_info(z, CuSeq, CuSeq, 0, tq_arg, tq_arg, 0, IS_VARLEN)
+    b, seq_start, tq, _tk, _q_off, _tab = sequence_geometry(z, CuSeq, CuSeq, 0, tq_arg, tq_arg, 0, IS_VARLEN)
     if m * BLOCK_M >= tq:
         return
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +97,7 @@ def dq_kernel(
     m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     z = tl.program_id(2)
-    b, seq_start, tq, tk, q_off, tab = _seq_info(
+    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
         z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
     )
     if m * BLOCK_M >= tq:
@@ -206,7 +188,7 @@ def dkdv_kernel(
     n = tl.program_id(0)
     h_kv = tl.program_id(1)
     z = tl.program_id(2)
-    b, seq_start, tq, tk, q_off, tab = _seq_info(
+    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
         z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
     )
     if n * BLOCK_N >= tk:

@@ -77,6 +77,27 @@ def band_extent(spec: BandSpec, kv_len: int, head_offset: int, n_local: int) -> 
 
 # ----------------------------------------------------------------------------- device side
 @triton.jit
+def sequence_geometry(z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN: tl.constexpr):
+    """``(b, seq_start, tq, tk, q_off, table)`` of grid index ``z``: a batch row, or a packed
+    document (``B = 1``, ``CuSeq`` offsets, its own interval table when the partition is dynamic)."""
+    if IS_VARLEN:
+        b = z * 0
+        seq_start = tl.load(CuSeq + z)
+        tq = tl.load(CuSeq + z + 1) - seq_start
+        tk = tq
+        q_off = seq_start * 0
+        tab = Table + z * table_doc_stride
+    else:
+        b = z
+        seq_start = z * 0
+        tq = tq_arg + z * 0
+        tk = tk_arg + z * 0
+        q_off = q_off_arg + z * 0
+        tab = Table
+    return b, seq_start, tq, tk, q_off, tab
+
+
+@triton.jit
 def load_intervals(tab_ptr):
     """The four int32 bounds ``lo0, hi0, lo1, hi1`` of one head (``tab_ptr`` -> its row)."""
     lo0 = tl.load(tab_ptr + 0)

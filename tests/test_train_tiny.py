@@ -152,3 +152,21 @@ def test_builtin_text_never_overwrites_an_unpaired_token_file(tmp_path):
     assert tokens.read_bytes() == b"\x05\x00" * 10
     with pytest.raises(ValueError, match="data.builtin_text=true needs"):
         load_recipe("tiny", ["data.synthetic=true"])
+
+
+def test_builtin_text_rebuilds_a_missing_tokenizer_that_reproduces_its_token_file(tmp_path):
+    """A run started from another folder finds the token file but not the (relative) tokenizer:
+    the tokenizer is rebuilt from the shipped text, and kept only because it gives the same ids."""
+    import shutil
+
+    from olmoe_spattn.olmo.recipe import load_recipe
+    from olmoe_spattn.olmo.tokenizer_files import ensure_builtin_text
+
+    tokens, tok = tmp_path / "tiny.npy", tmp_path / "tok"
+    recipe = load_recipe("tiny", [f"data.paths=[{tokens}]", f"data.tokenizer.identifier={tok}"])
+    ensure_builtin_text(recipe)
+    made = tokens.read_bytes()
+    shutil.rmtree(tok)
+    ensure_builtin_text(recipe)
+    assert (tok / "tokenizer.json").is_file() and tokens.read_bytes() == made
+    assert not list(tmp_path.glob("*.check"))

@@ -152,9 +152,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    from ..dispatch import write as dispatch_write
-
-    dispatch_write.add_arguments(parser)
+    # defined here, not in olmoe_spattn.dispatch (which imports torch), so --help stays light
+    parser.add_argument(
+        "--write-dispatch", nargs="?", const="auto", default=None, metavar="PATH",
+        help="write the backend='auto' dispatch table (triton vs fa4 per pattern, head_dim, band width) "
+        "from this run's results to PATH (default: olmoe_spattn/dispatch/<gpu-slug>.json)",
+    )
+    parser.add_argument(
+        "--dispatch-from", default=None, metavar="RESULTS_JSON",
+        help="do not run: read an earlier run's kernel_bench.json and write its dispatch table "
+        "(to --write-dispatch PATH, default the package's table of that GPU)",
+    )
 
 
 def device_name(device: torch.device) -> str:

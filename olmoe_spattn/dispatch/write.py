@@ -126,20 +126,6 @@ def format_table(table: dict) -> str:
 
 
 # ---------------------------------------------------------------- bench kernel hook
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--write-dispatch [PATH]`` and ``--dispatch-from RESULTS_JSON`` of ``bench kernel``."""
-    parser.add_argument(
-        "--write-dispatch", nargs="?", const="auto", default=None, metavar="PATH",
-        help="write the backend='auto' dispatch table (triton vs fa4 per pattern, head_dim, band width) "
-        "from this run's results to PATH (default: olmoe_spattn/dispatch/<gpu-slug>.json)",
-    )
-    parser.add_argument(
-        "--dispatch-from", default=None, metavar="RESULTS_JSON",
-        help="do not run: read an earlier run's kernel_bench.json and write its dispatch table "
-        "(to --write-dispatch PATH, default the package's table of that GPU)",
-    )
-
-
 def run_from_results(args: argparse.Namespace, log=print) -> int:
     """``--dispatch-from``: converts an earlier results file; returns the exit status."""
     source = Path(args.dispatch_from)

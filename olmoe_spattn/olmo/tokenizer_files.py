@@ -42,21 +42,27 @@ def ensure_builtin_text(recipe: Recipe) -> list[str]:
     tokens = Path(data.paths[0])
     tok_dir = Path(data.tokenizer.identifier or "")
     has_tokenizer = (tok_dir / "tokenizer.json").is_file()
-    if tokens.exists() and not has_tokenizer:  # never overwrite a token file we cannot pair
-        raise ValueError(
-            f"data.builtin_text: {tokens} exists but its tokenizer directory "
-            f"data.tokenizer.identifier={str(tok_dir)!r} has no tokenizer.json; delete {tokens} to "
-            "rebuild both, or set data.builtin_text=false to train on your own token file"
-        )
-    if int(os.environ.get("RANK", "0")) == 0 and not tokens.exists():
-        log.info("tokenizing the built-in text to %s (tokenizer in %s)", tokens, tok_dir)
-        write_tiny_text_data(
-            tokens,
-            tok_dir,
+    if int(os.environ.get("RANK", "0")) == 0 and not (tokens.exists() and has_tokenizer):
+        write = dict(
             vocab_size=data.tokenizer.vocab_size,
             eos_token_id=data.tokenizer.eos_token_id,
             pad_token_id=data.tokenizer.pad_token_id,
         )
+        if not tokens.exists():
+            log.info("tokenizing the built-in text to %s (tokenizer in %s)", tokens, tok_dir)
+            write_tiny_text_data(tokens, tok_dir, **write)
+        else:  # the tokenizer is built from the shipped text: rebuild it if it gives this file
+            check = tokens.with_name(tokens.name + ".check")
+            write_tiny_text_data(check, tok_dir, **write)
+            same = check.read_bytes() == tokens.read_bytes()
+            check.unlink()
+            if not same:  # never pair a token file with a tokenizer that did not make it
+                raise ValueError(
+                    f"data.builtin_text: {tokens} exists but was not made by the tokenizer built in "
+                    f"data.tokenizer.identifier={str(tok_dir)!r}; delete {tokens} to rebuild both, or set "
+                    "data.builtin_text=false to train on your own token file"
+                )
+            log.info("rebuilt the built-in text's tokenizer in %s (it reproduces %s)", tok_dir, tokens)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ROOT / "launch" / "torchrun_single_node.sh"
-STAGES = ("ep", "tp", "resume", "curves", "long", "scaling")
+STAGES = ("ep", "tp", "resume", "long", "curves", "scaling")
 LOSS = "train/CE loss"
 TPS = "throughput/device/TPS"
 MFU = "throughput/device/MFU"
@@ -224,7 +224,8 @@ class Driver:
     # -- summary
     def record(self, stage: str, ok: bool | None, text: str, runs: list[Run], data: dict | None = None) -> None:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
-        cmds = "<br>".join(f"`{_short_cmd(r.cmd)}` ({r.status()}; log `logs/{r.log.name}`)" for r in runs)
+        cmds = "<br>".join(f"`{_short_cmd(r.cmd, self.plan.common)}` ({r.status()}; log `logs/{r.log.name}`)"
+                           for r in runs)
         self.lines.append(f"| {stage} | **{verdict}** | {text} | {cmds or '-'} |")
         self.results[stage] = {"ok": ok, "text": text, **(data or {}),
                                "runs": {r.name: {"cmd": r.cmd, "rc": r.rc, "seconds": round(r.seconds, 1)} for r in runs}}
@@ -243,7 +244,11 @@ class Driver:
             "| stage | result | numbers | commands |",
             "|---|---|---|---|",
         ]
-        (self.out / "summary.md").write_text("\n".join(head + self.lines + [""] + self.notes()) + "\n")
+        shared = ("Every run: `" + " ".join(f"--set {a}" for a in self.plan.common) + "`, plus its own data "
+                  "file, save folder (`--work`), `train.log_interval=1` and `train.save_checkpoints=false` "
+                  "(except where the command says true). Launcher: `launch/torchrun_single_node.sh` with "
+                  "NPROC_PER_NODE=2 (1 for the one-GPU runs).")
+        (self.out / "summary.md").write_text("\n".join(head + self.lines + ["", shared, ""] + self.notes()) + "\n")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
 
     def notes(self) -> list[str]:
@@ -261,9 +266,20 @@ class Driver:
         ]
 
 
-def _short_cmd(cmd: list[str]) -> str:
+#: overrides every run gets besides Plan.common (left out of the summary table)
+ROUTINE = ("data.paths=", "data.synthetic=", "train.save_folder=", "train.log_interval=", "train.save_checkpoints=false")
+
+
+def _short_cmd(cmd: list[str], common: list[str]) -> str:
+    """The launcher command without the overrides every run shares (listed once under the table)."""
     i = cmd.index("bash") if "bash" in cmd else 0
-    return shlex.join(["timeout", cmd[i - 1], *[c.replace(str(ROOT) + "/", "") for c in cmd[i + 1:]]])
+    words = [c.replace(str(ROOT) + "/", "") for c in cmd[i + 1:i + 3]]
+    rest = cmd[i + 3:]
+    for flag, value in zip(rest[::2], rest[1::2]):
+        if value in common or value.startswith(ROUTINE):
+            continue
+        words += [flag, value]
+    return shlex.join(["timeout", cmd[i - 1], *words])
 
 
 def _versions() -> str:
@@ -474,16 +490,20 @@ def stage_long(d: Driver) -> None:
     band_r, dense_r, extra = long_recipe(p.cpu)
     sets = ["train.global_batch_size=2", "train.data_parallel=fsdp", *extra, *p.long_sets]
     band = d.launch("long_band", band_r, sets, p.long_steps, "long")
+    if not p.cpu and "OutOfMemoryError" in band.log.read_text() and d.remaining() > 240:
+        sets = [*sets, "train.sequence_length=16384"]  # the longest power of two that should fit then
+        band = d.launch("long_band_16k", band_r, sets, p.long_steps, "long")
     dense = d.launch("long_dense", dense_r, sets, p.long_steps, "long")
     skip = 2 if p.long_steps > 3 else 1
     tb, td = median_metric(band, TPS, skip), median_metric(dense, TPS, skip)
     mb, md = median_metric(band, MFU, skip), median_metric(dense, MFU, skip)
     ratio = f"{tb / td:.2f}x" if tb and td else "-"
-    oom = [r.name for r in (band, dense) if "OutOfMemoryError" in r.log.read_text()]
+    oom = [r.name for r in d.runs.values() if r.name.startswith("long") and "OutOfMemoryError" in r.log.read_text()]
+    runs = [r for n, r in d.runs.items() if n.startswith("long")]
     d.record("long", bool(tb and td and band.rc == 0 and dense.rc == 0),
              f"{band_r} vs {dense_r} ({', '.join(sets)}): tokens/s/GPU band {_fmt(tb)}, dense {_fmt(td)} "
              f"(band/dense {ratio}); MFU band {_fmt(mb, '.1f')}%, dense {_fmt(md, '.1f')}% (median of steps > "
-             f"{skip})" + (f"; out of memory: {oom}" if oom else ""), [band, dense],
+             f"{skip})" + (f"; out of memory: {oom}" if oom else ""), runs,
              {"tps": [tb, td], "mfu": [mb, md]})
 
 

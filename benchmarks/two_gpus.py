@@ -102,7 +102,7 @@ def cpu_plan() -> Plan:
         common=["train.rank_microbatch_size=4", "train.warmup_steps=2", "train.device=cpu",
                 "data.synthetic_tokens=200000"],
         ep_steps=6, tp_steps=3, tp_compare=3, tp_rel=1e-3,
-        resume_steps=40, resume_save=4, resume_extra=[], resume_rel=1e-4,
+        resume_steps=16, resume_save=4, resume_extra=[], resume_rel=1e-4,
         curve_steps=8,
         long_sets=["train.rank_microbatch_size=1", "train.sequence_length=256"],
         long_steps=3, scale_steps=4,

@@ -152,3 +152,14 @@ def test_builtin_text_never_overwrites_an_unpaired_token_file(tmp_path):
     assert tokens.read_bytes() == b"\x05\x00" * 10
     with pytest.raises(ValueError, match="data.builtin_text=true needs"):
         load_recipe("tiny", ["data.synthetic=true"])
+
+
+def test_save_checkpoints_false_writes_no_checkpoint(uninterrupted):
+    """``train.save_checkpoints: false`` (benchmark runs): not even the final checkpoint is written."""
+    tmp, full = uninterrupted
+    out = _train(tmp, "nockpt", "--set", "train.save_checkpoints=false", "--set", "train.max_steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not list((tmp / "nockpt").glob("step*"))
+    metrics = read_metrics(tmp / "nockpt")
+    assert metrics[1][LOSS] == pytest.approx(full[1][LOSS], rel=1e-6)
+    assert _loss_steps(metrics) == [1, 2, 3]

@@ -8,8 +8,8 @@
 #   bash benchmarks/run_two_gpus.sh [OUT] [driver options...]      # default OUT: benchmarks/results/two-gpus
 #   bash benchmarks/run_two_gpus.sh /tmp/smoke --cpu-smoke          # the same stages on the CPU (gloo)
 #
-# Environment: PYTHON (default python3), WORK (scratch folder for data and checkpoints,
-# default OUT/work; it is deleted at the end unless KEEP_WORK=1). Driver options:
+# Environment: PYTHON (default python3), WORK (scratch folder for data and checkpoints, a few
+# tens of GB on GPUs; default $TMPDIR/olmoe-two-gpus, deleted at the end unless KEEP_WORK=1). Driver options:
 # `python benchmarks/two_gpus.py --help`.
 set -u
 case "${1:-}" in -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;; esac
@@ -17,7 +17,7 @@ out=${1:-benchmarks/results/two-gpus}
 [[ $# -gt 0 ]] && shift
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
-work=${WORK:-$out/work}
+work=${WORK:-${TMPDIR:-/tmp}/olmoe-two-gpus}
 mkdir -p "$out"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PYTHON" "$(dirname "$0")/two_gpus.py" --out "$out" --work "$work" "$@"

@@ -140,7 +140,8 @@ def test_compare_and_falling():
 @pytest.mark.slow
 def test_cpu_smoke_kill_one_rank_and_resume(tmp_path):
     """Three 2-rank runs on the CPU: uninterrupted, SIGKILL of rank 1 mid-run, relaunch."""
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "WORK": str(tmp_path / "work")}
     env.pop("MASTER_PORT", None)
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(SCRIPT), str(out), "--cpu-smoke", "--stages", "resume"],
@@ -153,4 +154,4 @@ def test_cpu_smoke_kill_one_rank_and_resume(tmp_path):
     assert "SIGKILLed rank 1" in summary and "| resume | **PASS** |" in summary
     for name in ("resume_ref", "resume_killed", "resume_relaunch"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0
-    assert not (out / "work").exists()  # scratch removed unless KEEP_WORK=1
+    assert not (tmp_path / "work").exists()  # scratch removed unless KEEP_WORK=1

@@ -13,8 +13,10 @@ that fails or runs out of time is recorded and the next one still runs):
               dense tokens/s per GPU and MFU.
 * ``scaling`` the same harness on one GPU and on two at the same per-GPU batch:
               efficiency = 2-GPU tokens/s per GPU / 1-GPU tokens/s.
+* ``nodes``   ``launch/torchrun_multi_node.sh`` as 2 nodes x 1 GPU on this host (c10d on
+              127.0.0.1): the two agents meet and train; losses finite and falling.
 
-Every run goes through ``launch/torchrun_single_node.sh``. ``--cpu-smoke`` runs the same stages on the CPU
+The other stages go through ``launch/torchrun_single_node.sh``. ``--cpu-smoke`` runs the same stages on the CPU
 with gloo, the tiny recipe and a few steps, where expert and tensor parallelism (which need
 OLMo-core's GPU MoE kernels) are replaced by degree 1 and the summary says so.
 
@@ -40,7 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ROOT / "launch" / "torchrun_single_node.sh"
-STAGES = ("ep", "tp", "resume", "long", "curves", "scaling")
+MULTI = ROOT / "launch" / "torchrun_multi_node.sh"
+STAGES = ("ep", "tp", "resume", "long", "curves", "scaling", "nodes")
 LOSS = "train/CE loss"
 TPS = "throughput/device/TPS"
 MFU = "throughput/device/MFU"
@@ -92,7 +95,7 @@ def gpu_plan() -> Plan:
         long_sets=["train.rank_microbatch_size=1", "train.compile=true",
                    "train.activation_checkpointing=selected_ops", "data.document_masking=false"],
         long_steps=6, scale_steps=40,
-        limits={"ep": 100, "tp": 75, "resume": 70, "curves": 110, "long": 170, "scaling": 75},
+        limits={"ep": 100, "tp": 75, "resume": 70, "curves": 110, "long": 170, "scaling": 75, "nodes": 60},
     )
 
 
@@ -109,7 +112,7 @@ def cpu_plan() -> Plan:
         curve_steps=8,
         long_sets=["train.rank_microbatch_size=1", "train.sequence_length=256"],
         long_steps=3, scale_steps=4,
-        limits={"ep": 90, "tp": 90, "resume": 90, "curves": 90, "long": 90, "scaling": 90},
+        limits={"ep": 90, "tp": 90, "resume": 90, "curves": 90, "long": 90, "scaling": 90, "nodes": 90},
     )
 
 
@@ -182,12 +185,13 @@ class Driver:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         return env
 
-    def command(self, recipe: str, sets: list[str], save: Path, steps: int, limit: int) -> list[str]:
+    def command(self, recipe: str, sets: list[str], save: Path, steps: int, limit: int,
+                launcher: Path = SINGLE) -> list[str]:
         data = self.work / ("tokens-tiny.npy" if self.plan.cpu else "tokens.npy")
         args = [f"data.paths=[{data}]", "data.synthetic=true", f"train.save_folder={save}",
                 f"train.max_steps={steps}", "train.log_interval=1", "train.save_checkpoints=false",
                 *self.plan.common, *sets]
-        cmd = ["timeout", "-s", "INT", "-k", "15", str(limit), "bash", str(SINGLE), recipe]
+        cmd = ["timeout", "-s", "INT", "-k", "15", str(limit), "bash", str(launcher), recipe]
         for a in args:
             cmd += ["--set", a]
         return cmd
@@ -224,6 +228,44 @@ class Driver:
         print(f"  {name}: {run.status()}", flush=True)
         return run
 
+    def launch_nodes(self, name: str, recipe: str, sets: list[str], steps: int, stage: str) -> list[Run]:
+        """``launch/torchrun_multi_node.sh`` twice, NODE_RANK 0 and 1, one process (GPU) each."""
+        import socket
+
+        save = self.work / name
+        subprocess.run(["rm", "-rf", str(save)], check=False)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        limit = int(max(1, min(self.plan.limits[stage], self.remaining() - 5)))
+        cmd = self.command(recipe, sets, save, steps, limit, launcher=MULTI)
+        procs = []
+        start = time.monotonic()
+        for node in (0, 1):
+            env = self.env(1, None if self.plan.cpu else str(node))
+            env.update(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       RDZV_ID=f"two-gpus-{port}", RDZV_TIMEOUT="60")
+            log = self.logs / f"{name}_rank{node}.log"
+            f = open(log, "w")  # noqa: SIM115 - closed after the wait below
+            f.write(f"$ NODE_RANK={node} MASTER_PORT={port} {shlex.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                    start_new_session=True)
+            procs.append((proc, f, log))
+        runs = []
+        for node, (proc, f, log) in enumerate(procs):
+            try:
+                rc = proc.wait(timeout=limit + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+            f.close()
+            runs.append(Run(f"{name}_rank{node}", cmd, rc, time.monotonic() - start, save, log, read_metrics(save)))
+        for run in runs:
+            self.runs[run.name] = run
+            print(f"  {run.name}: {run.status()}", flush=True)
+        return runs
+
     # -- summary
     def record(self, stage: str, ok: bool | None, text: str, runs: list[Run], data: dict | None = None) -> None:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
@@ -241,7 +283,8 @@ class Driver:
             f"# Two-GPU checks: {mode}",
             "",
             f"Driver: `{shlex.join([sys.executable, 'benchmarks/two_gpus.py', *sys.argv[1:]])}`; "
-            f"NCCL env: {', '.join(f'{k}={v}' for k, v in SAFE_ENV.items())}.",
+            f"NCCL env: {', '.join(f'{k}={v}' for k, v in SAFE_ENV.items())}; "
+            f"OLMOE_SPATTN_AUTOTUNE={os.environ.get('OLMOE_SPATTN_AUTOTUNE', 'unset (on)')}.",
             f"Date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}. {_versions()}",
             "",
             "| stage | result | numbers | commands |",
@@ -265,7 +308,9 @@ class Driver:
             f"`ep` {p.ep_steps} steps, `tp` {p.tp_steps} steps ({p.tp_compare} compared), `resume` "
             f"{p.resume_steps} steps of a 4-layer, 16-expert variant, `curves` {p.curve_steps} steps at 8 "
             f"sequences of 1024 per GPU, `long` {p.long_steps} steps, `scaling` {p.scale_steps} steps on "
-            "one GPU (the two-GPU point is the `curves` band run, or its own run when that failed).",
+            "one GPU (the two-GPU point is the `curves` band run, or its own run when that failed), `nodes` "
+            f"{2 * p.tp_steps} steps of the 4-layer variant. Stages run in the order of the table; one "
+            "that finds too little of the budget left is marked SKIP.",
         ]
 
 
@@ -528,8 +573,19 @@ def stage_scaling(d: Driver) -> None:
              {"tps_1": t1, "tps_2": t2, "efficiency": eff})
 
 
+def stage_nodes(d: Driver) -> None:
+    """Two torchrun agents (NNODES=2, NODE_RANK 0 and 1, one GPU each) on this host."""
+    p = d.plan
+    sets = [f"train.global_batch_size={16 if not p.cpu else 8}", *p.resume_extra]
+    runs = d.launch_nodes("nodes", p.band, sets, 2 * p.tp_steps, "nodes")
+    rcs = [r.rc for r in runs]
+    ok, text = finite_and_falling(runs[0].losses)
+    d.record("nodes", ok and rcs == [0, 0], f"2 agents x 1 {'process' if p.cpu else 'GPU'} (c10d on 127.0.0.1): "
+             f"{text}; agent exit codes {rcs}", runs)
+
+
 RUNNERS = {"ep": stage_ep, "tp": stage_tp, "resume": stage_resume, "curves": stage_curves,
-           "long": stage_long, "scaling": stage_scaling}
+           "long": stage_long, "scaling": stage_scaling, "nodes": stage_nodes}
 
 
 def main(argv: list[str] | None = None) -> int:

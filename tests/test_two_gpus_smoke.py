@@ -63,6 +63,10 @@ class FakeDriver(tg.Driver):
         return run
 
 
+    def launch_nodes(self, name, recipe, sets, steps, stage):
+        return [self.launch(f"{name}_rank{node}", recipe, sets, steps, stage, save_name=name) for node in (0, 1)]
+
+
 def _all_stages(d: tg.Driver) -> dict:
     for stage in tg.STAGES:
         tg.RUNNERS[stage](d)
@@ -89,6 +93,7 @@ def test_all_stages_pass_on_consistent_runs(tmp_path):
         ("curves", "curves_dense", lambda m: [m[s].__setitem__(tg.LOSS, 5.0 + 0.01 * s) for s in m]),
         ("curves", "curves_band", lambda m: [m.pop(s) for s in list(m) if s > 200]),
         ("long", "long_dense", lambda m: m.clear()),
+        ("nodes", "nodes_rank0", lambda m: m.clear()),
     ],
 )
 def test_wrong_numbers_fail_their_stage(tmp_path, stage, broken, tweak):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every multi-GPU check on one host with two GPUs (NCCL), in one call of under ten minutes:
 # expert parallelism with HSDP, tensor parallelism 2 vs 1, kill-one-rank-and-resume, 300-step
-# band vs dense loss curves, full-depth OLMoE-1B-7B at seq 32768 (compiled) band vs dense, and
-# 1- vs 2-GPU scaling, and the multi-node launcher as 2 nodes x 1 GPU on this host. Each run has its own time limit and log; summary.md, results.json and
-# loss_curves.png go to OUT. NVLink multicast stays off (the three variables below).
+# band vs dense loss curves, full-depth OLMoE-1B-7B at seq 32768 (compiled) band vs dense,
+# 1- vs 2-GPU scaling, and the multi-node launcher as 2 nodes x 1 GPU on this host. Each run
+# has its own time limit and log; summary.md, results.json and loss_curves.png go to OUT. NVLink multicast stays off (the three variables below).
 #
 #   bash benchmarks/run_two_gpus.sh [OUT] [driver options...]      # default OUT: benchmarks/results/two-gpus
 #   bash benchmarks/run_two_gpus.sh /tmp/smoke --cpu-smoke          # the same stages on the CPU (gloo)

@@ -306,7 +306,7 @@ class Driver:
         return [
             "Shortened relative to a full study (time limit of one call): "
             f"`ep` {p.ep_steps} steps, `tp` {p.tp_steps} steps ({p.tp_compare} compared), `resume` "
-            f"{p.resume_steps} steps of a 4-layer, 16-expert variant, `curves` {p.curve_steps} steps at 8 "
+            f"{p.resume_steps} steps of a 4-layer, 16-expert variant, `curves` {p.curve_steps} steps at 4 "
             f"sequences of 1024 per GPU, `long` {p.long_steps} steps, `scaling` {p.scale_steps} steps on "
             "one GPU (the two-GPU point is the `curves` band run, or its own run when that failed), `nodes` "
             f"{2 * p.tp_steps} steps of the 4-layer variant. Stages run in the order of the table; one "
@@ -485,7 +485,8 @@ def stage_resume(d: Driver) -> None:
 
 def stage_curves(d: Driver) -> None:
     p = d.plan
-    sets = [f"train.global_batch_size={16 if not p.cpu else 8}", "train.data_parallel=fsdp"]
+    # 4 sequences of the sequence length per GPU (small, so that 300 steps fit the budget)
+    sets = ["train.global_batch_size=8", "train.rank_microbatch_size=4", "train.data_parallel=fsdp"]
     band = d.launch("curves_band", p.band, sets, p.curve_steps, "curves")
     dense = d.launch("curves_dense", p.dense, sets, p.curve_steps, "curves")
     png = d.out / "loss_curves.png"
@@ -557,8 +558,8 @@ def stage_long(d: Driver) -> None:
 
 def stage_scaling(d: Driver) -> None:
     p = d.plan
-    per_gpu = 8 if not p.cpu else 4
-    sets = ["train.data_parallel=fsdp"]
+    per_gpu = 4  # as in the curves stage, whose band run is the two-GPU point
+    sets = ["train.data_parallel=fsdp", "train.rank_microbatch_size=4"]
     one = d.launch("scaling_1", p.band, [*sets, f"train.global_batch_size={per_gpu}"], p.scale_steps, "scaling",
                    nproc=1, gpus=None if p.cpu else "0")
     two = d.runs.get("curves_band")

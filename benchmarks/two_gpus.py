@@ -188,7 +188,7 @@ class Driver:
     def command(self, recipe: str, sets: list[str], save: Path, steps: int, limit: int,
                 launcher: Path = SINGLE) -> list[str]:
         data = self.work / ("tokens-tiny.npy" if self.plan.cpu else "tokens.npy")
-        args = [f"data.paths=[{data}]", "data.synthetic=true", f"train.save_folder={save}",
+        args = [f"data.paths=[{data}]", "data.synthetic=true", "data.builtin_text=false", f"train.save_folder={save}",
                 f"train.max_steps={steps}", "train.log_interval=1", "train.save_checkpoints=false",
                 *self.plan.common, *sets]
         cmd = ["timeout", "-s", "INT", "-k", "15", str(limit), "bash", str(launcher), recipe]
@@ -315,7 +315,7 @@ class Driver:
 
 
 #: overrides every run gets besides Plan.common (left out of the summary table)
-ROUTINE = ("data.paths=", "data.synthetic=", "train.save_folder=", "train.log_interval=", "train.save_checkpoints=false")
+ROUTINE = ("data.paths=", "data.synthetic=", "data.builtin_text=", "train.save_folder=", "train.log_interval=", "train.save_checkpoints=false")
 
 
 def _short_cmd(cmd: list[str], common: list[str]) -> str:

@@ -1,34 +1,26 @@
 #!/usr/bin/env bash
-# The launchers on a 2-GPU machine (NCCL): real, short runs of the 0.25B-1.75B
-# recipe on synthetic data. Each step has its own time limit and log under $OUT (default
-# benchmarks/results/two-gpus).
-#   STEPS=100 bash benchmarks/run_two_gpus.sh
+# Every multi-GPU check on one host with two GPUs (NCCL), in one call of under ten minutes:
+# expert parallelism with HSDP, tensor parallelism 2 vs 1, kill-one-rank-and-resume, 300-step
+# band vs dense loss curves, full-depth OLMoE-1B-7B at seq 32768 (compiled) band vs dense,
+# 1- vs 2-GPU scaling, and the multi-node launcher as 2 nodes x 1 GPU on this host. Each run
+# has its own time limit and log; summary.md, results.json and loss_curves.png go to OUT. NVLink multicast stays off (the three variables below).
+#
+#   bash benchmarks/run_two_gpus.sh [OUT] [driver options...]      # default OUT: benchmarks/results/two-gpus
+#   bash benchmarks/run_two_gpus.sh /tmp/smoke --cpu-smoke          # the same stages on the CPU (gloo)
+#
+# Environment: PYTHON (default python3), WORK (scratch folder for data and checkpoints, a few
+# tens of GB on GPUs; default $TMPDIR/olmoe-two-gpus, deleted at the end unless KEEP_WORK=1). Driver options:
+# `python benchmarks/two_gpus.py --help`.
 set -u
-out=${OUT:-benchmarks/results/two-gpus}
-mkdir -p "$out" /tmp/two
-steps=${STEPS:-100}
+case "${1:-}" in -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;; esac
+out=${1:-benchmarks/results/two-gpus}
+[[ $# -gt 0 ]] && shift
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
-common=(--set data.synthetic=true --set "data.paths=[/tmp/two/tokens.npy]" --set data.synthetic_tokens=4000000
-        --set train.global_batch_size=32 --set train.rank_microbatch_size=16 --set train.warmup_steps=10
-        --set train.log_interval=10 --set train.save_interval=50 --set train.ephemeral_save_interval=null)
-run() {  # name seconds launcher [args...]
-  local name=$1 secs=$2; shift 2
-  echo "== $name"; timeout -s INT "$secs" "$@" > "$out/$name.log" 2>&1; echo "rc=$?"
-  grep -a "finished:\|Error\|error:" "$out/$name.log" | tail -3
-}
-cfg=configs/olmoe-0.25b-1.75b.yaml
-NPROC_PER_NODE=2 run fsdp_band 120 bash launch/torchrun_single_node.sh $cfg "${common[@]}" \
-  --set train.max_steps="$steps" --set train.save_folder=/tmp/two/band
-NPROC_PER_NODE=2 run fsdp_dense 100 bash launch/torchrun_single_node.sh configs/olmoe-0.25b-1.75b-dense.yaml \
-  "${common[@]}" --set train.max_steps="$steps" --set train.save_folder=/tmp/two/dense
-NPROC_PER_NODE=2 run ep_band 80 bash launch/torchrun_single_node.sh $cfg "${common[@]}" \
-  --set train.max_steps=40 --set train.expert_parallel_degree=2 --set train.data_parallel=hsdp \
-  --set train.save_folder=/tmp/two/ep
-port=$((29500 + RANDOM % 1000))
-for r in 0 1; do
-  CUDA_VISIBLE_DEVICES=$r NNODES=2 NODE_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port NPROC_PER_NODE=1 \
-    run "two_nodes_rank$r" 60 bash launch/torchrun_multi_node.sh tiny --set train.device=cuda \
-    --set train.max_steps=20 --set train.save_folder=/tmp/two/nodes --set "data.paths=[/tmp/two/tiny.npy]" &
-done
-wait
+work=${WORK:-${TMPDIR:-/tmp}/olmoe-two-gpus}
+mkdir -p "$out"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+"$PYTHON" "$(dirname "$0")/two_gpus.py" --out "$out" --work "$work" "$@"
+rc=$?
+[[ "${KEEP_WORK:-0}" == 1 ]] || rm -rf "$work"
+exit $rc

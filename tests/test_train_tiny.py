@@ -170,3 +170,14 @@ def test_builtin_text_rebuilds_a_missing_tokenizer_that_reproduces_its_token_fil
     ensure_builtin_text(recipe)
     assert (tok / "tokenizer.json").is_file() and tokens.read_bytes() == made
     assert not list(tmp_path.glob("*.check"))
+
+
+def test_save_checkpoints_false_writes_no_checkpoint(uninterrupted):
+    """``train.save_checkpoints: false`` (benchmark runs): not even the final checkpoint is written."""
+    tmp, full = uninterrupted
+    out = _train(tmp, "nockpt", "--set", "train.save_checkpoints=false", "--set", "train.max_steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not list((tmp / "nockpt").glob("step*"))
+    metrics = read_metrics(tmp / "nockpt")
+    assert metrics[1][LOSS] == pytest.approx(full[1][LOSS], rel=1e-6)
+    assert _loss_steps(metrics) == [1, 2, 3]

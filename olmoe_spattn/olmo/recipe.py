@@ -106,6 +106,7 @@ class TrainSection:
     load_path: Union[str, None] = None
     save_interval: int = 1000
     ephemeral_save_interval: Union[int, None] = None
+    save_checkpoints: bool = True  # false: no checkpoints at all, not even the final one (benchmarks)
     log_interval: int = 1
     device: str = "auto"  # auto | cpu | cuda
     autocast: Union[str, None] = None  # null | bfloat16

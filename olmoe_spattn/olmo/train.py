@@ -253,6 +253,7 @@ def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
             save_interval=t.save_interval,
             ephemeral_save_interval=t.ephemeral_save_interval,
             save_async=False,
+            enabled=t.save_checkpoints,
         ),
         "speed_monitor": SpeedMonitorCallback(),
         "console_logger": ConsoleLoggerCallback(log_interval=t.log_interval),
@@ -291,7 +292,9 @@ def _train_module_config(recipe: Recipe, device: torch.device):
     else:
         scheduler = ConstantWithWarmup(warmup=t.warmup_steps)
     dp = None
-    if world_size() > 1:
+    # FSDP/HSDP also on a single GPU, so that param_dtype (mixed precision) means the same at any
+    # GPU count; a single CPU process trains unwrapped.
+    if world_size() > 1 or (device.type == "cuda" and t.data_parallel != "ddp"):
         dp = TransformerDataParallelConfig(
             name=t.data_parallel,
             param_dtype=DType(t.param_dtype) if t.param_dtype else None,

@@ -49,6 +49,7 @@ def band_attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     scale: float | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Causal band attention following ``spec``.
 
@@ -68,6 +69,9 @@ def band_attention(
             ``B = 1`` batch; each document attends only within itself.
         max_seqlen: longest document (optional hint for ``cu_seqlens``).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        deterministic: Triton backend: keep the two-pass backward (bit-identical gradients
+            run to run) even where ``OLMOE_SPATTN_BWD=one_pass`` asks for the atomic one;
+            also on whenever ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``[B, Tq, H, D]`` in the dtype of ``q``. Rows with no allowed key are zero.
@@ -103,4 +107,4 @@ def band_attention(
         return fa4_band_attention(q, k, v, spec, **kwargs)
     from .kernels import triton_band_attention
 
-    return triton_band_attention(q, k, v, spec, max_seqlen=max_seqlen, **kwargs)
+    return triton_band_attention(q, k, v, spec, max_seqlen=max_seqlen, deterministic=deterministic, **kwargs)

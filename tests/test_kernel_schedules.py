@@ -133,3 +133,18 @@ def test_unattended_nan_keys_and_values_stay_out(pattern, schedule, monkeypatch)
         keep = ~never.T[None, :, :, None].expand_as(bad_g)  # [B, Tk, H, D]
         torch.testing.assert_close(bad_g[keep], clean_g[keep], rtol=1e-6, atol=1e-6)
         assert (bad_g[~keep] == 0).all()
+
+
+def test_band_attention_passes_deterministic_to_the_kernel(monkeypatch):
+    from olmoe_spattn import band_attention
+
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "one_pass")
+    seen: list[bool] = []
+    real = launch.use_one_pass
+    monkeypatch.setattr(launch, "use_one_pass", lambda p, det: seen.append(real(p, det)) or seen[-1])
+    case = CASES[0]
+    q, k, v = case.tensors(torch.float32, device=DEVICE, requires_grad=True)
+    for deterministic in (False, True):
+        out = band_attention(q, k, v, case.spec, "triton", deterministic=deterministic, **case.kwargs(DEVICE))
+        out.sum().backward()
+    assert seen == [True, False]

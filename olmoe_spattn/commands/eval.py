@@ -116,6 +116,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_task_names(passes, manager.all_tasks, include)  # before the model is loaded
     scores: dict[str, dict[str, float]] = {}
     records = []
+    # one lm-eval call per few-shot setting: lm-eval's CLI takes a single --num_fewshot per run
     for i, p in enumerate(passes, 1):
         shots = "task default" if p.num_fewshot is None else f"{p.num_fewshot}-shot"
         print(f"[{i}/{len(passes)}] lm-eval {','.join(p.tasks)} ({shots}) on {device}", flush=True)

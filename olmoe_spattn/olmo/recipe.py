@@ -320,6 +320,9 @@ def _positive(key: str, value: int) -> None:
 
 
 # ---------------------------------------------------------------------- dict -> dataclasses
+# Kept rather than OLMo-core's Config.from_dict: that reports a bad value as a coercion failure of
+# the whole section and applies overrides only to keys already present; recipes name key, value
+# and allowed type, and `--set` may add a section the YAML left out.
 def _type_ok(value: object, hint: Any) -> bool:
     origin = get_origin(hint)
     if origin is Union:

@@ -17,14 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    attended_columns,
-    key_block_ranges,
-    load_intervals,
-    pair_mask,
-    sequence_geometry,
-    tile_is_full,
-)
+from .common import attended_columns, key_block_ranges, load_intervals, pair_mask, tile_is_full
 
 
 @triton.jit
@@ -55,10 +48,20 @@ def fwd_kernel(
     if SPLIT:
         split = z % n_split
         z = z // n_split
-    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
-        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
-    )
-    tab += h * 4
+    if IS_VARLEN:
+        b = z * 0
+        seq_start = tl.load(CuSeq + z)
+        tq = tl.load(CuSeq + z + 1) - seq_start
+        tk = tq
+        q_off = 0
+        tab = Table + z * table_doc_stride + h * 4
+    else:
+        b = z
+        seq_start = z * 0
+        tq = tq_arg
+        tk = tk_arg
+        q_off = q_off_arg
+        tab = Table + h * 4
     if m * BLOCK_M >= tq:
         return
     h_kv = h // group

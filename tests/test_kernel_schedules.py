@@ -69,8 +69,8 @@ def _schedule_used(monkeypatch, **kw) -> list[bool]:
     seen: list[bool] = []
     real = launch.use_one_pass
 
-    def spy(p, deterministic):
-        seen.append(real(p, deterministic))
+    def spy(deterministic):
+        seen.append(real(deterministic))
         return seen[-1]
 
     monkeypatch.setattr(launch, "use_one_pass", spy)
@@ -141,7 +141,7 @@ def test_band_attention_passes_deterministic_to_the_kernel(monkeypatch):
     monkeypatch.setenv("OLMOE_SPATTN_BWD", "one_pass")
     seen: list[bool] = []
     real = launch.use_one_pass
-    monkeypatch.setattr(launch, "use_one_pass", lambda p, det: seen.append(real(p, det)) or seen[-1])
+    monkeypatch.setattr(launch, "use_one_pass", lambda det: seen.append(real(det)) or seen[-1])
     case = CASES[0]
     q, k, v = case.tensors(torch.float32, device=DEVICE, requires_grad=True)
     for deterministic in (False, True):

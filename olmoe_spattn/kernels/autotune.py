@@ -80,11 +80,6 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
-def prefer_one_pass(block_d: int, extent: int) -> bool:
-    """The backward schedule used when neither determinism nor ``OLMOE_SPATTN_BWD`` decides."""
-    return False
-
-
 # --------------------------------------------------------------------------- tuned spaces
 _SPACE = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],

@@ -7,7 +7,7 @@ import os
 import torch
 import triton
 
-from .autotune import autotune_enabled, fixed_config, interpreting, pick, prefer_one_pass, tuning_key
+from .autotune import autotune_enabled, fixed_config, interpreting, pick, tuning_key
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
 from .common import Problem
 from .decode import run_decode, use_decode_path
@@ -138,12 +138,12 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
 BWD_SCHEDULES = ("one_pass", "two_pass")
 
 
-def use_one_pass(p: Problem, deterministic: bool) -> bool:
+def use_one_pass(deterministic: bool) -> bool:
     """Whether the backward takes the one-pass (atomic dQ) schedule for this call.
 
     Never when ``deterministic`` or under ``torch.use_deterministic_algorithms(True)``;
-    ``OLMOE_SPATTN_BWD`` forces a schedule; otherwise the measured rule of
-    :func:`~.autotune.prefer_one_pass` decides.
+    ``OLMOE_SPATTN_BWD`` forces a schedule; otherwise two-pass, which measured faster for every
+    band pattern on an H200 (``NOTES.md``).
     """
     if deterministic or torch.are_deterministic_algorithms_enabled():
         return False
@@ -152,7 +152,7 @@ def use_one_pass(p: Problem, deterministic: bool) -> bool:
         if forced not in BWD_SCHEDULES:
             raise ValueError(f"OLMOE_SPATTN_BWD={forced!r}; allowed: {', '.join(BWD_SCHEDULES)}")
         return forced == "one_pass"
-    return prefer_one_pass(p.block_d, p.extent)
+    return False
 
 
 def run_backward(
@@ -177,7 +177,7 @@ def run_backward(
     delta = torch.empty_like(lse)  # [B, H, Tq] fp32
     if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta
         dlse = dlse.to(torch.float32).contiguous()
-    if use_one_pass(p, deterministic):
+    if use_one_pass(deterministic):
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # [B, Tq, H, D]
         run_delta(do, out, lse, dlse, delta, p)
         run_dkdv(do, q, k, v, lse, delta, dk, dv, p, dq_acc=dq_acc)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from olmoe_spattn import BandSpec
-from olmoe_spattn.kernels.common import key_block_ranges, query_block_ranges, tile_is_full
+from olmoe_spattn.kernels.common import key_block_ranges, load_intervals, query_block_ranges, tile_is_full
 
 EDGE, FULL = 1, 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,10 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _key_tiles_kernel(Table, Out, tq, tk, q_off, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)
-    lo0 = tl.load(Table + h * 4 + 0)
-    hi0 = tl.load(Table + h * 4 + 1)
-    lo1 = tl.load(Table + h * 4 + 2)
-    hi1 = tl.load(Table + h * 4 + 3)
+    lo0, hi0, lo1, hi1 = load_intervals(Table + h * 4)
     i0 = m * BLOCK_M + q_off
     i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
@@ -44,10 +41,7 @@ def _key_tiles_kernel(Table, Out, tq, tk, q_off, n_kb, BLOCK_M: tl.constexpr, BL
 def _query_tiles_kernel(Table, Out, tq, tk, q_off, n_qb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
-    lo0 = tl.load(Table + h * 4 + 0)
-    hi0 = tl.load(Table + h * 4 + 1)
-    lo1 = tl.load(Table + h * 4 + 2)
-    hi1 = tl.load(Table + h * 4 + 3)
+    lo0, hi0, lo1, hi1 = load_intervals(Table + h * 4)
     j0 = n * BLOCK_N
     j1 = tl.minimum(j0 + BLOCK_N - 1, tk - 1)
     c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)

@@ -242,8 +242,13 @@ def toggle_file_text(
     backend: str | None = None,
     name: str | None = None,
     save_folder: str | None = None,
-) -> str:
-    """Toggles the contents of a recipe or OLMo-core config file; returns the new text."""
+    keep_save_folder: bool = False,
+) -> tuple[str, str | None]:
+    """Toggles the contents of a recipe or OLMo-core config file: ``(new text, save folder)``.
+
+    Without ``save_folder`` the toggled config trains into :func:`suffixed_save_folder`, unless
+    ``keep_save_folder``.
+    """
     if is_json:
         try:
             data = json.loads(text)
@@ -254,18 +259,21 @@ def toggle_file_text(
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"not valid YAML: {err}") from err
+    if save_folder is None and not keep_save_folder:
+        save_folder = suffixed_save_folder(data, attention)
     if is_olmo_core_config(data):
         if name is not None:
             raise ValueError("--name applies to recipes only")
         new = toggle_olmo_core_config(data, attention, partition_len=partition_len, backend=backend,
                                       save_folder=save_folder)
         if is_json:
-            return json.dumps(new, indent=2) + "\n"
-        return yaml.safe_dump(new, sort_keys=False)
+            return json.dumps(new, indent=2) + "\n", save_folder
+        return yaml.safe_dump(new, sort_keys=False), save_folder
     if is_json:
         raise ValueError("a JSON file must be an OLMo-core config (a checkpoint's config.json or an experiment config)")
-    return toggle_recipe_text(text, attention, partition_len=partition_len, backend=backend, name=name,
+    text = toggle_recipe_text(text, attention, partition_len=partition_len, backend=backend, name=name,
                               save_folder=save_folder)
+    return text, save_folder
 
 
 def _partition_len(text: str) -> int | str:
@@ -326,22 +334,15 @@ def run(args: argparse.Namespace) -> int:
     text = src.read_text(encoding="utf-8")
     if args.save_folder is not None and args.keep_save_folder:
         raise ValueError("give --save-folder or --keep-save-folder, not both")
-    is_json = src.suffix.lower() == ".json"
-    save_folder = args.save_folder
-    if save_folder is None and not args.keep_save_folder:
-        try:
-            data = json.loads(text) if is_json else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ValueError(f"{str(src)!r} is not valid {'JSON' if is_json else 'YAML'}: {err}") from err
-        save_folder = suffixed_save_folder(data, args.attention)
-    new = toggle_file_text(
+    new, save_folder = toggle_file_text(
         text,
         args.attention,
-        is_json=is_json,
+        is_json=src.suffix.lower() == ".json",
         partition_len=args.partition_len,
         backend=args.backend,
         name=args.name,
-        save_folder=save_folder,
+        save_folder=args.save_folder,
+        keep_save_folder=args.keep_save_folder,
     )
     if args.out == "-":
         sys.stdout.write(new)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from attention_checks import check_heads, max_err
+from attention_checks import check_compiled_layer, check_heads
 
 from olmoe_spattn import BandSpec, band_attention
 
@@ -124,24 +124,7 @@ def test_block_tables_are_built_on_the_gpu():
 
 
 def test_compiled_model_fullgraph():
-    spec = BandSpec("exclusive_bands", 8, 512)
-
-    def layer(x, w):
-        b, t, _ = x.shape
-        q, k, v = (x @ w).view(b, t, 3, 8, 64).unbind(2)
-        return _fa4(q, k, v, spec).reshape(b, t, -1)
-
-    x = torch.randn(2, 512, 512, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(512, 3 * 512, device="cuda", dtype=torch.bfloat16) / 23).requires_grad_()
-    compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x, w)
-    y.float().square().sum().backward()
-    gw = w.grad.clone()
-    w.grad = None
-    y_eager = layer(x, w)
-    y_eager.float().square().sum().backward()
-    assert max_err(y, y_eager) <= 1e-2
-    assert max_err(gw, w.grad) <= 1e-2 * w.grad.abs().max().item()
+    check_compiled_layer(_fa4, BandSpec("exclusive_bands", 8, 512))
 
 
 def test_auto_follows_the_dispatch_table(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_checks import check_heads, max_err
+from attention_checks import check_compiled_layer, check_heads, max_err
 
 from olmoe_spattn import BandSpec
 
@@ -125,20 +125,4 @@ def test_every_launch_config(head_dim, monkeypatch):
 
 
 def test_compiled_model_fullgraph_bf16():
-    spec = BandSpec("exclusive_bands", 8, 512)
-    f = _kernel()
-
-    def layer(x, w):
-        b, t, _ = x.shape
-        q, k, v = (x @ w).view(b, t, 3, 8, 64).unbind(2)
-        return f(q, k, v, spec).reshape(b, t, -1)
-
-    x = torch.randn(2, 512, 512, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(512, 3 * 512, device="cuda", dtype=torch.bfloat16) / 23).requires_grad_()
-    compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x, w)
-    y.float().square().sum().backward()
-    gw = w.grad.clone()
-    w.grad = None
-    layer(x, w).float().square().sum().backward()
-    assert max_err(gw, w.grad) <= 1e-2 * w.grad.abs().max().item()
+    check_compiled_layer(_kernel(), BandSpec("exclusive_bands", 8, 512))

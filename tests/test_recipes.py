@@ -104,6 +104,11 @@ def test_overrides_are_parsed_as_yaml():
         (["train.scheduler=linear"], r"train.scheduler='linear' is not allowed"),
         (["data.tokenizer.eos_token_id=999"], r"eos_token_id=999 is outside"),
         (["train"], r"must look like key.path=value"),
+        (["model=3"], r"model must be a mapping, got int"),
+        (["train.betas=[0.9, x]"], r"train.betas=\[0.9, 'x'\] has the wrong type; expected list\[float\]"),
+        (["train.lr.x=1"], r"train.lr=\{'x': 1\} has the wrong type; expected float"),
+        (["source=x.yaml"], r"unknown key\(s\) \['source'\] in the recipe; allowed: name, "),
+        (["_CLASS_=subprocess.run"], r"unknown key\(s\) \['_CLASS_'\] in the recipe"),
         (["train.activation_checkpointing=full"], r"cannot checkpoint whole MoE blocks; use 'attention'"),
     ],
 )
@@ -121,6 +126,27 @@ def test_unknown_recipe_and_bad_yaml(tmp_path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="the recipe must be a mapping"):
         recipe_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_recipe_file_keys_are_checked_before_decoding(tmp_path):
+    """A recipe cannot name a class for the decoder to import and call (OLMo-core's ``_CLASS_``)."""
+    marker = tmp_path / "ran"
+    payload = {"_CLASS_": "subprocess.run", "args": ["touch", str(marker)]}
+    for data, message in [
+        ({"data": {"paths": ["x.npy"]}, "train": {"lr": payload}}, r"train.lr=\{'_CLASS_'.* has the wrong type"),
+        ({"data": {"paths": ["x.npy"]}, "train": payload}, r"unknown key\(s\) \['_CLASS_', 'args'\] in train"),
+        ({**payload, "data": {"paths": ["x.npy"]}}, r"unknown key\(s\) \['_CLASS_', 'args'\] in the recipe"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            recipe_from_dict(data)
+    assert not marker.exists()
+
+
+def test_overrides_fill_sections_the_yaml_leaves_out():
+    recipe = recipe_from_dict({"data": {"paths": ["x.npy"]}}, ["model.n_layers=2", "train.lr=3e-4"])
+    assert (recipe.model.n_layers, recipe.model.d_model, recipe.train.lr) == (2, 2048, 3e-4)
+    assert isinstance(recipe.train.lr, float) and recipe.as_dict()["data"]["paths"] == ["x.npy"]
+    assert "source" not in recipe.as_dict()
 
 
 def test_cli_reports_bad_recipe_without_traceback(capsys):

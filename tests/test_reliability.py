@@ -16,8 +16,8 @@ from olmoe_spattn.cli import main
 from olmoe_spattn.olmo.recipe import RECIPES_DIR, load_recipe
 
 RANGE_CASES = [
-    ("train.max_grad_norm=-1", "train.max_grad_norm=-1 is out of range; allowed: a finite number > 0.0, or null"),
-    ("train.max_grad_norm=0", "train.max_grad_norm=0 is out of range"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 is out of range; allowed: a finite number > 0.0, or null"),
+    ("train.max_grad_norm=0", "train.max_grad_norm=0.0 is out of range"),
     ("model.lb_loss_weight=-0.01", "model.lb_loss_weight=-0.01 is out of range; allowed: a finite number >= 0.0"),
     ("model.z_loss_weight=.nan", "model.z_loss_weight=nan is out of range"),
     ("train.eps=-1e-8", "train.eps=-1e-08 is out of range; allowed: a finite number > 0.0"),

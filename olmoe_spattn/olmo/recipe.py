@@ -14,8 +14,10 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
               work_dir}
     train:   see :class:`TrainSection`
 
-Relative paths are resolved against the current directory. Every key is checked: an unknown key,
-a wrong type or a bad value raises ``ValueError`` naming it and what is allowed.
+Each section is an OLMo-core ``Config`` dataclass: OLMo-core decodes the YAML and applies
+``--set`` overrides. Relative paths are resolved against the current directory. Every key is
+checked: an unknown key, a wrong type or a bad value raises ``ValueError`` naming it and what is
+allowed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Union, get_type_hints
 
 import yaml
+from dataclass_extensions import DecodeError, decode
+from olmo_core.config import Config
 
 from ..api import BACKENDS
 from ..bands import DYNAMIC, PATTERNS
@@ -35,7 +39,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # shipped as pack
 
 
 @dataclass
-class ModelSection:
+class ModelSection(Config):
     """OLMoE architecture (OLMo-core ``olmoe_1B_7B`` blocks at any size)."""
 
     vocab_size: int = 50304
@@ -55,7 +59,7 @@ class ModelSection:
 
 
 @dataclass
-class TokenizerSection:
+class TokenizerSection(Config):
     """Token-ID facts OLMo-core's numpy datasets need (defaults: gpt-neox-olmo-dolma-v1_5)."""
 
     vocab_size: int = 50280
@@ -66,7 +70,7 @@ class TokenizerSection:
 
 
 @dataclass
-class DataSection:
+class DataSection(Config):
     """OLMo-core numpy token files (raw ``np.memmap`` arrays of token IDs)."""
 
     paths: list[str] = field(default_factory=list)
@@ -82,7 +86,7 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(Config):
     """Optimisation, schedule, parallelism, checkpointing and logging."""
 
     sequence_length: int = 4096
@@ -136,7 +140,7 @@ AC_MODES = (None, "attention", "selected_ops")
 
 
 @dataclass
-class Recipe:
+class Recipe(Config):
     """A validated training recipe."""
 
     name: str = "olmoe"
@@ -147,7 +151,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
-    source: Union[str, None] = None  # the file it came from (not a YAML key)
+    source: Union[str, None] = field(default=None, init=False)  # the file it came from (not a YAML key)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -177,12 +181,6 @@ class Recipe:
             block=m.block,
             layer_norm_eps=m.layer_norm_eps,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (what ``--dry-run`` prints and checkpoints record)."""
-        out = dataclasses.asdict(self)
-        out.pop("source")
-        return out
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ValueError`` with the offending key and allowed values."""
@@ -319,83 +317,47 @@ def _positive(key: str, value: int) -> None:
         raise ValueError(f"{key}={value!r} is out of range; allowed: a positive integer (>= 1)")
 
 
-# ---------------------------------------------------------------------- dict -> dataclasses
-# Kept rather than OLMo-core's Config.from_dict: that reports a bad value as a coercion failure of
-# the whole section and applies overrides only to keys already present; recipes name key, value
-# and allowed type, and `--set` may add a section the YAML left out.
-def _type_ok(value: object, hint: Any) -> bool:
-    origin = get_origin(hint)
-    if origin is Union:
-        return any(_type_ok(value, h) for h in get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = get_origin(hint)
-    if origin is Union:
-        return " or ".join(_describe(h) for h in get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_describe(get_args(hint)[0])}"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _build(cls: type, data: object, prefix: str) -> Any:
+# ---------------------------------------------------------------------- YAML -> Recipe
+# OLMo-core decodes the recipe (``Config.from_dict``) and applies ``key.path=value`` overrides
+# (``Config.merge``, values parsed as YAML). Each key is checked first because OLMo-core's own
+# errors name a whole section, and a ``_CLASS_`` key in a recipe would name a class to import.
+def _check(cls: type, data: object, prefix: str = "") -> None:
+    """Raises ``ValueError`` naming the key for a non-mapping section, an unknown key (with the
+    allowed ones) or a value OLMo-core's decoder cannot coerce to the field's type."""
     where = prefix or "the recipe"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    unknown = sorted(set(data) - set(names))
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(map(str, set(data) - set(names)))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {', '.join(names)}")
-    kwargs = {}
+    hints = get_type_hints(cls)
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
+        if dataclasses.is_dataclass(hints[name]):
+            _check(hints[name], value, key)
             continue
-        if hint is float and isinstance(value, str):  # YAML reads "3e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if not _type_ok(value, hint):
-            raise ValueError(f"{key}={value!r} has the wrong type; expected {_describe(hint)}")
-        kwargs[name] = float(value) if hint is float else value
-    return cls(**kwargs)
-
-
-def _set_override(data: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} must look like key.path=value")
-    path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            decode(cls, {name: value})
+        except DecodeError as err:
+            hint = hints[name]
+            expected = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
+            raise ValueError(f"{key}={value!r} has the wrong type; expected {expected}") from err
 
 
 def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), source: str | None = None) -> Recipe:
     """Validates ``data`` (after applying ``key.path=value`` overrides) into a :class:`Recipe`."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy, plain types only
+    _check(Recipe, data)
+    recipe = Recipe.from_dict(data)
     for assignment in overrides:
-        _set_override(data, assignment)
-    recipe = _build(Recipe, data, "")
+        path, eq, raw = assignment.partition("=")
+        if not eq:
+            raise ValueError(f"override {assignment!r} must look like key.path=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""  # what Config.merge sets
+        for key in reversed(path.strip(" -").replace("-", "_").split(".")):
+            value = {key: value}
+        _check(Recipe, value)
+        recipe = recipe.merge([assignment])
     recipe.source = source
     recipe.validate()
     return recipe

@@ -96,7 +96,7 @@ def describe(recipe: Recipe) -> str:
     tokens_per_step = t.global_batch_size * t.sequence_length
     lines = [
         f"# recipe: {recipe.source or recipe.name}",
-        yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+        yaml.safe_dump(recipe.as_dict(), sort_keys=False).rstrip(),
         "",
         "# parameters",
         f"total:  {_count(counts['total'])}; without embedding/LM head {_count(counts['total_non_embedding'])}",
@@ -452,7 +452,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
         ).with_callbacks(_callbacks(recipe, save_folder))
         trainer = trainer_config.build(train_module, data_loader)
         record = {
-            "recipe": recipe.to_dict(),
+            "recipe": recipe.as_dict(),
             "model": model_config.as_config_dict(),
             "trainer": trainer_config.as_config_dict(),
         }

@@ -149,6 +149,16 @@ def test_overrides_fill_sections_the_yaml_leaves_out():
     assert "source" not in recipe.as_dict()
 
 
+def test_tokenizer_section_is_olmo_core_tokenizer_config():
+    from olmo_core.data import TokenizerConfig
+
+    assert load_recipe("tiny").data.tokenizer == TokenizerConfig(512, 0, 1, identifier="runs/data/tiny-tokenizer")
+    assert recipe_from_dict({"data": {"paths": ["x.npy"]}}).data.tokenizer == TokenizerConfig.gpt_neox_olmo_dolma_v1_5()
+    partial = {"data": {"paths": ["x.npy"], "tokenizer": {"vocab_size": 512, "identifier": "t"}}}
+    with pytest.raises(ValueError, match=r"data.tokenizer is missing key\(s\) \['eos_token_id', 'pad_token_id'\]"):
+        recipe_from_dict(partial)
+
+
 def test_cli_reports_bad_recipe_without_traceback(capsys):
     assert main(["train", "tiny", "--dry-run", "--set", "attention=nope"]) == 2
     assert "error: attention='nope' is not allowed" in capsys.readouterr().err

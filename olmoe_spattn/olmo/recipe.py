@@ -9,9 +9,9 @@ A recipe is a YAML mapping with these top-level keys (``configs/*.yaml`` are exa
     attention_backend: auto       # auto | triton | fa4 | flex | torch
     model:   {vocab_size, d_model, n_layers, n_heads, num_experts, top_k, expert_hidden_size,
               lb_loss_weight, z_loss_weight, rope_theta, block, layer_norm_eps}
-    data:    {paths (files or globs), synthetic, synthetic_tokens, builtin_text, tokenizer: {vocab_size,
-              eos_token_id, pad_token_id, bos_token_id, identifier}, dtype, document_masking,
-              work_dir}
+    data:    {paths (files or globs), synthetic, synthetic_tokens, builtin_text, dtype, document_masking,
+              work_dir, tokenizer: OLMo-core TokenizerConfig {vocab_size, eos_token_id, pad_token_id,
+              bos_token_id, identifier}}
     train:   see :class:`TrainSection`
 
 Each section is an OLMo-core ``Config`` dataclass: OLMo-core decodes the YAML and applies
@@ -31,6 +31,7 @@ from typing import Union, get_type_hints
 import yaml
 from dataclass_extensions import DecodeError, decode
 from olmo_core.config import Config
+from olmo_core.data.tokenizer import TokenizerConfig
 
 from ..api import BACKENDS
 from ..bands import DYNAMIC, PATTERNS
@@ -59,17 +60,6 @@ class ModelSection(Config):
 
 
 @dataclass
-class TokenizerSection(Config):
-    """Token-ID facts OLMo-core's numpy datasets need (defaults: gpt-neox-olmo-dolma-v1_5)."""
-
-    vocab_size: int = 50280
-    eos_token_id: int = 50279
-    pad_token_id: int = 1
-    bos_token_id: Union[int, None] = None
-    identifier: Union[str, None] = "allenai/gpt-neox-olmo-dolma-v1_5"
-
-
-@dataclass
 class DataSection(Config):
     """OLMo-core numpy token files (raw ``np.memmap`` arrays of token IDs)."""
 
@@ -79,7 +69,8 @@ class DataSection(Config):
     # write data.paths[0] from the package's own short English text, tokenized with the tiny
     # tokenizer built into the local directory data.tokenizer.identifier (see data.tiny_text)
     builtin_text: bool = False
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    # OLMo-core's own tokenizer record; the defaults are its gpt-neox-olmo-dolma-v1_5 tokenizer
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig.gpt_neox_olmo_dolma_v1_5)
     dtype: Union[str, None] = None  # token dtype of the files; null = inferred from vocab_size
     document_masking: bool = False  # attend only within each document (EOS-separated), varlen
     work_dir: Union[str, None] = None
@@ -321,24 +312,30 @@ def _positive(key: str, value: int) -> None:
 # OLMo-core decodes the recipe (``Config.from_dict``) and applies ``key.path=value`` overrides
 # (``Config.merge``, values parsed as YAML). Each key is checked first because OLMo-core's own
 # errors name a whole section, and a ``_CLASS_`` key in a recipe would name a class to import.
-def _check(cls: type, data: object, prefix: str = "") -> None:
+def _check(cls: type, data: object, prefix: str = "", *, partial: bool = False) -> None:
     """Raises ``ValueError`` naming the key for a non-mapping section, an unknown key (with the
-    allowed ones) or a value OLMo-core's decoder cannot coerce to the field's type."""
+    allowed ones), a missing required key (unless ``partial``: an override) or a value OLMo-core's
+    decoder cannot coerce to the field's type."""
     where = prefix or "the recipe"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
     unknown = sorted(map(str, set(data) - set(names)))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {', '.join(names)}")
+    required = [f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing and not partial:
+        raise ValueError(f"{where} is missing key(s) {missing}; required: {', '.join(required)}")
     hints = get_type_hints(cls)
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(hints[name]):
-            _check(hints[name], value, key)
+            _check(hints[name], value, key, partial=partial)
             continue
-        try:
-            decode(cls, {name: value})
+        try:  # the one field alone, as OLMo-core's decoder coerces it
+            decode(dataclasses.make_dataclass(name, [(name, hints[name])]), {name: value})
         except DecodeError as err:
             hint = hints[name]
             expected = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
@@ -356,7 +353,7 @@ def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), so
         value = yaml.safe_load(raw) if raw.strip() else ""  # what Config.merge sets
         for key in reversed(path.strip(" -").replace("-", "_").split(".")):
             value = {key: value}
-        _check(Recipe, value)
+        _check(Recipe, value, partial=True)
         recipe = recipe.merge([assignment])
     recipe.source = source
     recipe.validate()

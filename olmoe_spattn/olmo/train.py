@@ -382,7 +382,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
     resumes a checkpoint of another attention on purpose (see :mod:`olmoe_spattn.olmo.resume`).
     Returns the last logged metrics (rank 0; empty elsewhere).
     """
-    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig, TokenizerConfig
+    from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig
     from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
     from olmo_core.train import teardown_training_environment as teardown
     from olmo_core.train.common import LoadStrategy
@@ -412,15 +412,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
             use_grouped_mm_moe(model)
         train_module = _train_module_config(recipe, device).build(model, device=device)
 
-        tok = recipe.data.tokenizer
         dataset = NumpyFSLDatasetConfig(
-            tokenizer=TokenizerConfig(
-                vocab_size=tok.vocab_size,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                identifier=tok.identifier,
-            ),
+            tokenizer=recipe.data.tokenizer,
             paths=paths,
             sequence_length=t.sequence_length,
             dtype=recipe.data.dtype,

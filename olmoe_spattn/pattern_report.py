@@ -108,11 +108,6 @@ def draw_heads(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4,
     return _save(fig, out)
 
 
-def draw_pattern(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4) -> Path:
-    """Writes a PNG grid, one panel per head: allowed (query, key) cells in colour."""
-    return draw_heads(spec, seq_len, out, max_cols)[0]
-
-
 def draw_patterns(patterns: list[str], n_heads: int, seq_len: int, head: int, out: str | Path,
                   title: str | None = None) -> tuple[Path, int]:
     """Writes one panel per pattern, each showing head ``head`` (like the paper's Figure 2);

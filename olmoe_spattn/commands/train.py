@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-#: recipes bundled with the package (a checkout's top-level configs/ links here)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

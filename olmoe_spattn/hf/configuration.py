@@ -36,7 +36,39 @@ HOW_TO_LOAD = (
 )
 
 
-class OlmoeSpattnConfig(FlexOlmoConfig):
+class _BandConfigMixin:
+    """What both band configs add to their transformers base: the band fields are filled in and
+    checked after ``__init__``, and read as a :class:`BandSpec`."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.band_n_heads is None:
+            self.band_n_heads = self.num_attention_heads
+        self.validate_band()
+
+    def validate_band(self) -> None:
+        """Raises ``ValueError`` when the band fields are inconsistent."""
+        if self.attention_pattern not in PATTERNS:
+            raise ValueError(f"attention_pattern={self.attention_pattern!r} is not a known pattern; "
+                             f"allowed: {', '.join(PATTERNS)}")
+        if self.band_n_heads != self.num_attention_heads:
+            raise ValueError(f"band_n_heads={self.band_n_heads} must equal num_attention_heads={self.num_attention_heads}")
+        if self.partition_len != DYNAMIC and not isinstance(self.partition_len, int):
+            raise ValueError(f"partition_len must be an int or 'dynamic', got {self.partition_len!r}")
+        from ..api import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is unknown; allowed: {', '.join(BACKENDS)}"
+            )
+        self.band_spec()  # BandSpec checks N >= n_heads etc.
+
+    def band_spec(self) -> BandSpec:
+        """The :class:`BandSpec` every attention layer of this model follows."""
+        return BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # type: ignore[arg-type]
+
+
+class OlmoeSpattnConfig(_BandConfigMixin, FlexOlmoConfig):
     """FlexOlmo config with SPAttention's band fields.
 
     Extra fields (stored in ``config.json``):
@@ -59,20 +91,8 @@ class OlmoeSpattnConfig(FlexOlmoConfig):
     attention_backend: str = "auto"
     olmo_core_expert_layout: str = "dropless"
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _init_band(self)
 
-    def validate_band(self) -> None:
-        """Raises ``ValueError`` when the band fields are inconsistent."""
-        _validate_band(self)
-
-    def band_spec(self) -> BandSpec:
-        """The :class:`BandSpec` every attention layer of this model follows."""
-        return BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # type: ignore[arg-type]
-
-
-class OlmoeSpattnPrenormConfig(OlmoeConfig):
+class OlmoeSpattnPrenormConfig(_BandConfigMixin, OlmoeConfig):
     """transformers' OLMoE config (pre-norm blocks) with the same band fields as
     :class:`OlmoeSpattnConfig` (experts always OLMo-core ``dropless``)."""
 
@@ -83,48 +103,6 @@ class OlmoeSpattnPrenormConfig(OlmoeConfig):
     band_n_heads: int | None = None
     attention_backend: str = "auto"
     olmo_core_expert_layout: str = "dropless"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _init_band(self)
-
-    def validate_band(self) -> None:
-        """Raises ``ValueError`` when the band fields are inconsistent."""
-        _validate_band(self)
-
-    def band_spec(self) -> BandSpec:
-        """The :class:`BandSpec` every attention layer of this model follows."""
-        return BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # type: ignore[arg-type]
-
-
-def _init_band(config) -> None:
-    if config.band_n_heads is None:
-        config.band_n_heads = config.num_attention_heads
-    _validate_band(config)
-
-
-def _validate_band(self) -> None:
-    if self.attention_pattern not in PATTERNS:
-        raise ValueError(
-            f"attention_pattern={self.attention_pattern!r} is not a known pattern; "
-            f"allowed: {', '.join(PATTERNS)}"
-        )
-    if self.band_n_heads != self.num_attention_heads:
-        raise ValueError(
-            f"band_n_heads={self.band_n_heads} must equal num_attention_heads="
-            f"{self.num_attention_heads}"
-        )
-    if self.partition_len != DYNAMIC and not isinstance(self.partition_len, int):
-        raise ValueError(
-            f"partition_len must be an int or 'dynamic', got {self.partition_len!r}"
-        )
-    from ..api import BACKENDS
-
-    if self.attention_backend not in BACKENDS:
-        raise ValueError(
-            f"attention_backend={self.attention_backend!r} is unknown; allowed: {', '.join(BACKENDS)}"
-        )
-    BandSpec(self.attention_pattern, int(self.band_n_heads), self.partition_len)  # validates N >= n_heads etc.
 
 
 __all__ = [

@@ -25,8 +25,7 @@ an import hook registers the config the moment ``olmo_core.nn.attention`` is fir
 API (names are loaded lazily, on first use)
 -------------------------------------------
 - ``with_attention(config, attention, partition_len=None, backend=None) -> TransformerConfig``
-- ``band_spec_of(config) -> BandSpec | None``; ``band_specs_by_layer(config)``;
-  ``attention_name_of(config) -> str``
+- ``band_spec_of(config) -> BandSpec | None``; ``band_specs_by_layer(config)``
 - ``build_model(config, device="cpu") -> Transformer`` (PyTorch MoE permutation off-GPU)
 - ``olmoe_config(...)``, ``tiny_model_config(attention="spattention", vocab_size=512, ...)``
 - ``load_recipe(path, overrides=()) -> Recipe``; ``Recipe.model_config()`` gives the
@@ -52,7 +51,6 @@ _LAZY: dict[str, str] = {
     "with_attention": "model",
     "band_spec_of": "model",
     "band_specs_by_layer": "model",
-    "attention_name_of": "model",
     "build_model": "model",
     "olmoe_config": "model",
     "tiny_model_config": "model",

@@ -108,12 +108,6 @@ def band_spec_of(config: TransformerConfig) -> BandSpec | None:
     return distinct.pop()
 
 
-def attention_name_of(config: TransformerConfig) -> str:
-    """``"dense"`` or the band pattern shared by all layers."""
-    spec = band_spec_of(config)
-    return "dense" if spec is None else spec.pattern
-
-
 def needs_torch_moe(device: torch.device) -> bool:
     """True when OLMo-core's Triton MoE permutation cannot run on ``device``."""
     return device.type != "cuda"

@@ -46,6 +46,18 @@ PartitionLen = Union[int, Literal["dynamic"]]
 Interval = tuple[int, int]
 
 
+def partition_len_arg(text: str) -> int | str:
+    """A command-line partition length (argparse ``type=``): an integer or ``"dynamic"``."""
+    if text == DYNAMIC:
+        return DYNAMIC
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be an integer or 'dynamic', got {text!r}") from None
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -32,6 +32,10 @@ def test_bad_values_give_clear_errors(capsys):
     assert "partition_len=4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["show-pattern", "--pattern", "nonsense"])
+    for argv in (["show-pattern"], ["toggle", "x.yaml", "--attention", "dense"], ["convert", "from-hf", "a", "b"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--partition-len", "4k"])
+        assert "--partition-len: must be an integer or 'dynamic', got '4k'" in capsys.readouterr().err
 
 
 def test_console_script_help():

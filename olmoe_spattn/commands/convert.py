@@ -31,7 +31,7 @@ import argparse
 import time
 
 from ..api import BACKENDS
-from ..bands import PATTERNS
+from ..bands import PATTERNS, partition_len_arg
 
 #: ``--format`` values (as olmoe_spattn.hf.config_map.HF_FORMATS; not imported: --help stays light)
 HF_FORMATS = ("spattn", "olmoe", "flex_olmo")
@@ -73,19 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from_hf.add_argument("out_dir", help="folder for model.safetensors + config.json + model_and_optim/")
     from_hf.add_argument("--attention", choices=PATTERNS, default=None,
                          help="attention of the written checkpoint (default: the source's own)")
-    from_hf.add_argument("--partition-len", type=_partition_len, default=None,
+    from_hf.add_argument("--partition-len", type=partition_len_arg, default=None,
                          help="band partition length N (int >= n_heads, normally the training sequence "
                          "length, or 'dynamic'); needed for a band --attention on a dense source")
     from_hf.add_argument("--backend", choices=BACKENDS, default=None, help="band attention backend (default: auto)")
-
-
-def _partition_len(text: str) -> int | str:
-    if text == "dynamic":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer or 'dynamic', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bands import DYNAMIC, PATTERNS, BandSpec
-
-
-def _partition_len(text: str) -> int | str:
-    if text == DYNAMIC:
-        return DYNAMIC
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"partition length must be an integer or 'dynamic', got {text!r}") from None
+from ..bands import PATTERNS, BandSpec, partition_len_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="sequence length to draw (default 64)")
     parser.add_argument(
         "--partition-len",
-        type=_partition_len,
+        type=partition_len_arg,
         default=None,
         help="partition length N: an integer >= heads, or 'dynamic' (default: the sequence length)",
     )

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from ..api import BACKENDS
-from ..bands import DYNAMIC, PATTERNS
+from ..bands import PATTERNS, partition_len_arg
 
 # ----------------------------------------------------------------------------- YAML recipes
 
@@ -276,15 +276,6 @@ def toggle_file_text(
     return text, save_folder
 
 
-def _partition_len(text: str) -> int | str:
-    if text == DYNAMIC:
-        return DYNAMIC
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer or 'dynamic', got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -293,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(JSON or YAML; YAML comments are not kept for these), or a TransformerConfig dict",
     )
     parser.add_argument("--attention", required=True, choices=PATTERNS, help="attention to switch to")
-    parser.add_argument("--partition-len", type=_partition_len, default=None,
+    parser.add_argument("--partition-len", type=partition_len_arg, default=None,
                         help="also set partition_len (int >= n_heads or 'dynamic'; default: keep, or the "
                         "config's sequence length for a dense OLMo-core config)")
     parser.add_argument("--backend", choices=BACKENDS, default=None, help="also set the band attention backend")

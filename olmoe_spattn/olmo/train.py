@@ -141,7 +141,9 @@ def ensure_data(recipe: Recipe) -> list[str]:
                 write_synthetic_tokens(
                     p, recipe.data.synthetic_tokens, tok.vocab_size, eos_token_id=tok.eos_token_id, seed=i
                 )
-        _barrier()
+        from olmo_core.distributed.utils import barrier
+
+        barrier()
         missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise ValueError(
@@ -204,13 +206,6 @@ def check_load_path_architecture(recipe: Recipe, load_path: str | None) -> None:
         )
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
     from olmo_core.distributed.utils import get_rank
     from olmo_core.train.callbacks import (
@@ -227,6 +222,9 @@ def _callbacks(recipe: Recipe, save_folder: str) -> dict[str, Any]:
     @dataclass
     class MetricsFileCallback(Callback):
         """Appends each step's metrics (loss, tokens/s, MFU, expert load) to ``metrics.jsonl``."""
+
+        # not OLMo-core's MetricSaverCallback: it keeps only the latest step, and the run summary
+        # and the benchmarks read every step
 
         path: str = ""
 
@@ -383,6 +381,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
     Returns the last logged metrics (rank 0; empty elsewhere).
     """
     from olmo_core.data import NumpyDataLoaderConfig, NumpyFSLDatasetConfig
+    from olmo_core.distributed.utils import barrier
     from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
     from olmo_core.train import teardown_training_environment as teardown
     from olmo_core.train.common import LoadStrategy
@@ -397,7 +396,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
     prepare_training_environment(seed=t.seed, backend=backend, shared_filesystem=True)
     try:
         prepare_save_folder(recipe, overwrite=overwrite, allow_attention_change=allow_attention_change)
-        _barrier()
+        barrier()
         paths = ensure_data(recipe)
         save_folder = str(Path(t.save_folder).resolve())
         model_config = recipe.model_config()

@@ -102,6 +102,8 @@ def test_overrides_are_parsed_as_yaml():
         (["train.global_batch_size=12"], r"global_batch_size=12 must be a multiple of"),
         (["model.top_k=9"], r"model.top_k=9 exceeds model.num_experts=4"),
         (["train.scheduler=linear"], r"train.scheduler='linear' is not allowed"),
+        (["data.dtype=int8"], r"data.dtype='int8' is not allowed; choose one of: null, uint8, uint16"),
+        (["train.autocast=float16"], r"train.autocast='float16' is not allowed; choose one of: null, bfloat16"),
         (["data.tokenizer.eos_token_id=999"], r"eos_token_id=999 is outside"),
         (["train"], r"must look like key.path=value"),
         (["model=3"], r"model must be a mapping, got int"),

@@ -26,7 +26,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union, get_type_hints
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from dataclass_extensions import DecodeError, decode
@@ -55,7 +55,7 @@ class ModelSection(Config):
     rope_theta: int = 500_000  # RoPE base; long-context recipes raise it (OLMo-core's ABF practice)
     # moe_reordered_norm: OLMo-core's OLMoE preset (norms after attention/MoE); moe: pre-norm,
     # the architecture of released OLMoE checkpoints (use with layer_norm_eps 1e-5 for those)
-    block: str = "moe_reordered_norm"
+    block: Literal["moe_reordered_norm", "moe"] = "moe_reordered_norm"
     layer_norm_eps: float = 1e-6
 
 
@@ -71,7 +71,8 @@ class DataSection(Config):
     builtin_text: bool = False
     # OLMo-core's own tokenizer record; the defaults are its gpt-neox-olmo-dolma-v1_5 tokenizer
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig.gpt_neox_olmo_dolma_v1_5)
-    dtype: Union[str, None] = None  # token dtype of the files; null = inferred from vocab_size
+    # token dtype of the files; null = inferred from vocab_size
+    dtype: Literal[None, "uint8", "uint16", "uint32", "uint64"] = None
     document_masking: bool = False  # attend only within each document (EOS-separated), varlen
     work_dir: Union[str, None] = None
 
@@ -89,7 +90,7 @@ class TrainSection(Config):
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | wsd | constant
+    scheduler: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 2000
     decay_fraction: float = 0.1  # wsd only
     max_grad_norm: Union[float, None] = 1.0  # null = no gradient clipping
@@ -103,29 +104,22 @@ class TrainSection(Config):
     ephemeral_save_interval: Union[int, None] = None
     save_checkpoints: bool = True  # false: no checkpoints at all, not even the final one (benchmarks)
     log_interval: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    autocast: Union[str, None] = None  # null | bfloat16
-    param_dtype: Union[str, None] = None  # null | bfloat16 (FSDP/HSDP mixed precision)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: Literal[None, "bfloat16"] = None
+    param_dtype: Literal[None, "bfloat16"] = None  # FSDP/HSDP mixed precision
     compile: bool = False
     activation_checkpointing: Union[str, None] = None  # null | attention | selected_ops
-    data_parallel: str = "ddp"  # ddp | fsdp | hsdp
+    data_parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     expert_parallel_degree: int = 1
     tensor_parallel_degree: int = 1
     context_parallel_degree: int = 1
     num_workers: int = 0
-    moe_matmul: str = "auto"  # auto | grouped_mm | olmo-core (see olmoe_spattn.olmo.moe_grouped)
+    moe_matmul: Literal["auto", "grouped_mm", "olmo-core"] = "auto"  # see olmoe_spattn.olmo.moe_grouped
     wandb: bool = False
     wandb_project: str = "olmoe-spattn"
     wandb_entity: Union[str, None] = None
 
 
-SCHEDULERS = ("cosine", "wsd", "constant")
-BLOCKS = ("moe_reordered_norm", "moe")
-DEVICES = ("auto", "cpu", "cuda")
-DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
-AUTOCAST = (None, "bfloat16")
-MOE_MATMULS = ("auto", "grouped_mm", "olmo-core")
-TOKEN_DTYPES = (None, "uint8", "uint16", "uint32", "uint64")
 #: null | attention (OLMo-core selected_modules on every attention layer) | selected_ops
 AC_MODES = (None, "attention", "selected_ops")
 
@@ -187,7 +181,6 @@ class Recipe(Config):
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "num_experts", "top_k", "expert_hidden_size",
                     "rope_theta"):
             _positive(f"model.{key}", getattr(m, key))
-        _choice("model.block", m.block, BLOCKS)
         if not m.layer_norm_eps > 0:
             raise ValueError(f"model.layer_norm_eps must be positive, got {m.layer_norm_eps}")
         if m.d_model % m.n_heads:
@@ -202,7 +195,6 @@ class Recipe(Config):
             value = getattr(d.tokenizer, key)
             if not 0 <= value < d.tokenizer.vocab_size:
                 raise ValueError(f"data.tokenizer.{key}={value} is outside [0, {d.tokenizer.vocab_size})")
-        _choice("data.dtype", d.dtype, TOKEN_DTYPES)
         if not d.paths:
             raise ValueError("data.paths is empty: list the numpy token files to train on")
         if d.builtin_text and (d.synthetic or len(d.paths) != 1 or not d.tokenizer.identifier):
@@ -221,12 +213,6 @@ class Recipe(Config):
                 f"train.rank_microbatch_size={t.rank_microbatch_size}"
             )
         self._check_ranges()
-        _choice("train.scheduler", t.scheduler, SCHEDULERS)
-        _choice("train.device", t.device, DEVICES)
-        _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
-        _choice("train.moe_matmul", t.moe_matmul, MOE_MATMULS)
-        _choice("train.autocast", t.autocast, AUTOCAST)
-        _choice("train.param_dtype", t.param_dtype, AUTOCAST)
         if t.activation_checkpointing in ("full", "selected_blocks"):
             raise ValueError(
                 f"train.activation_checkpointing={t.activation_checkpointing!r}: OLMo-core cannot "
@@ -297,10 +283,14 @@ def _number(
         raise ValueError(f"{key}={value!r} is out of range; allowed: {kind} {lo}{hi}{none}")
 
 
+def _not_allowed(key: str, value: object, allowed: tuple) -> str:
+    names = ", ".join("null" if a is None else str(a) for a in allowed)
+    return f"{key}={value!r} is not allowed; choose one of: {names}"
+
+
 def _choice(key: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        names = ", ".join("null" if a is None else str(a) for a in allowed)
-        raise ValueError(f"{key}={value!r} is not allowed; choose one of: {names}")
+        raise ValueError(_not_allowed(key, value, allowed))
 
 
 def _positive(key: str, value: int) -> None:
@@ -337,6 +327,8 @@ def _check(cls: type, data: object, prefix: str = "", *, partial: bool = False) 
         try:  # the one field alone, as OLMo-core's decoder coerces it
             decode(dataclasses.make_dataclass(name, [(name, hints[name])]), {name: value})
         except DecodeError as err:
+            if get_origin(hints[name]) is Literal:
+                raise ValueError(_not_allowed(key, value, get_args(hints[name]))) from err
             hint = hints[name]
             expected = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
             raise ValueError(f"{key}={value!r} has the wrong type; expected {expected}") from err

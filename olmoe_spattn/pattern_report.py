@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .bands import BandSpec
+from .plots import pyplot, save
 
 
 def coverage_summary(spec: BandSpec, seq_len: int) -> str:
@@ -54,15 +55,6 @@ def _panel_image(mask: torch.Tensor) -> torch.Tensor:
     return img[0, 0].to(torch.uint8)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _panel(ax, mask: torch.Tensor, title: str, seq_len: int, *, ylabel: bool, xlabel: bool) -> None:
     ax.imshow(_panel_image(mask).numpy(), cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest",
               extent=(0, seq_len, seq_len, 0))
@@ -78,17 +70,13 @@ def _panel(ax, mask: torch.Tensor, title: str, seq_len: int, *, ylabel: bool, xl
 def _save(fig, out: str | Path, dpi: int = 110) -> tuple[Path, int]:
     """Saves and closes ``fig``; returns the path and the number of drawn panels."""
     panels = sum(1 for ax in fig.axes if ax.axison)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
-    return path, panels
+    return save(fig, out, dpi), panels
 
 
 def draw_heads(spec: BandSpec, seq_len: int, out: str | Path, max_cols: int = 4,
                title: str | None = None) -> tuple[Path, int]:
     """Writes a PNG grid, one panel per head (allowed cells in colour); returns (path, panels)."""
-    plt = _pyplot()
+    plt = pyplot()
     mask = spec.mask(seq_len)  # [H, T, T]
     heads = spec.n_heads
     cols = min(heads, max_cols)
@@ -114,7 +102,7 @@ def draw_patterns(patterns: list[str], n_heads: int, seq_len: int, head: int, ou
     returns (path, panels)."""
     if not 0 <= head < n_heads:
         raise ValueError(f"head must be in [0, {n_heads - 1}], got {head}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(patterns), figsize=(2.5 * len(patterns), 2.9), squeeze=False)
     for i, pattern in enumerate(patterns):
         spec = BandSpec(pattern, n_heads, seq_len)

@@ -155,10 +155,9 @@ def summarize(layers: list[dict]) -> dict[str, float]:
 
 def plot_heads(layers: list[dict], path: str | Path, title: str) -> Path:
     """Heat maps (layer x head) of entropy and mean distance, and diversity per layer."""
-    import matplotlib
+    from ..plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ent = [lay["entropy"] for lay in layers]
     dist = [lay["mean_distance"] for lay in layers]
@@ -180,8 +179,4 @@ def plot_heads(layers: list[dict], path: str | Path, title: str) -> Path:
     axes[2].set_title("head-output diversity", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, path)

@@ -257,10 +257,9 @@ def to_markdown(data: dict) -> str:
 
 def plot(data: dict, path: Path) -> Path:
     """Held-out loss against training tokens, one panel per sequence length."""
-    import matplotlib
+    from ..plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths = sorted({r["seq_len"] for r in data["runs"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.6), squeeze=False)
@@ -275,10 +274,7 @@ def plot(data: dict, path: Path) -> Path:
         ax.set_title(f"seq {seq_len}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write_outputs(data: dict, out: Path) -> None:

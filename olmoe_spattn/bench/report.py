@@ -184,10 +184,9 @@ def plot(data: dict, path: Path) -> Path | None:
     A variant without a value (not available, skipped, out of memory) gets a short hatched
     stub labelled with the reason, never an invisible zero bar.
     """
-    import matplotlib
+    from ..plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in data["results"] if r["pattern"] not in ("dense_causal", "-")]
     key = "speedup_vs_cudnn_fwdbwd" if any(r["speedup_vs_cudnn_fwdbwd"] for r in rows) else "speedup_vs_cudnn_fwd"
@@ -233,9 +232,7 @@ def plot(data: dict, path: Path) -> Path | None:
     axes.flat[0].legend(handles=[Patch(color=f"C{i}", label=be) for i, be in enumerate(backends)], fontsize=7)
     fig.suptitle(f"SPAttention kernels, {data['gpu']}, {data['date']} ({data['settings']['dtype']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def write_outputs(data: dict, out_dir: Path, *, draw: bool) -> list[Path]:

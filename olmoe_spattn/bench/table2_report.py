@@ -185,10 +185,9 @@ def to_markdown(data: dict) -> str:
 def plot(data: dict, path: str | Path) -> Path:
     """Horizontal bars of each row's tokens/s relative to the fastest dense row, one panel per
     sequence length; the paper's ratio (to its Standard row) as a black tick where it has one."""
-    import matplotlib
+    from ..plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sort_rows(add_ratios(list(data["rows"])))
     lengths = sorted({int(r["seq_len"]) for r in rows})
@@ -215,11 +214,7 @@ def plot(data: dict, path: str | Path) -> Path:
         ax.set_title(f"seq {seq_len}", fontsize=9)
     fig.suptitle(f"Table 2 shape, training throughput ({data.get('device', '?')})", fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, path)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from .report import fmt
+
 #: the paper's Table 2 (8 heads, 8 layers, d_model 1024, seq 1024, 4x A100, FlexAttention):
 #: method -> tokens/s
 PAPER_TABLE2_TOKENS_PER_S: dict[str, int] = {
@@ -106,10 +108,6 @@ def sort_rows(rows: Iterable[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def verdict(rows: list[dict], seq_len: int) -> str:
     """One line: the fastest row at ``seq_len`` and how the best SPAttention row compares with
     the fastest dense and the fastest Longformer rows."""
@@ -167,14 +165,14 @@ def to_markdown(data: dict) -> str:
         for r in group:
             method, impl = parse_variant(r["variant"])
             if r["status"] == "ok":
-                tps, spread = f"{r['tokens_per_s']:,.0f}", _fmt(r.get("spread"), ".1%")
+                tps, spread = f"{r['tokens_per_s']:,.0f}", fmt(r.get("spread"), ".1%")
             else:
                 tps, spread = r["status"], ""
                 notes.append(f"- `{r['variant']}` {r['status']}: {r.get('note', '')}")
             lines.append(
                 f"| {PAPER_NAMES[method]} | {IMPL_NAMES[impl]} | {tps} | {spread} | "
-                f"{_fmt(r.get('vs_best_dense'), '.2f')} | {_fmt(r.get('vs_dense_flex'), '.2f')} | "
-                f"{_fmt(r.get('paper_tokens_per_s'), ',')} | {_fmt(r.get('paper_vs_dense'), '.2f')} |"
+                f"{fmt(r.get('vs_best_dense'), '.2f')} | {fmt(r.get('vs_dense_flex'), '.2f')} | "
+                f"{fmt(r.get('paper_tokens_per_s'), ',')} | {fmt(r.get('paper_vs_dense'), '.2f')} |"
             )
         lines += ["", verdict(group, seq_len)]
         if notes:

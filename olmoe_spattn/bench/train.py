@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from ..api import BACKENDS
 from ..bands import PATTERNS, BandSpec
+from .report import fmt
 
 if TYPE_CHECKING:  # torch loads when a benchmark runs, not for --help
     import torch
@@ -304,10 +305,6 @@ def bench_setting(setting: Setting, patterns: list[str], args: argparse.Namespac
     return setting
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def to_markdown(data: dict) -> str:
     lines = [
         f"# Training throughput, dense vs band attention ({data['device']})",
@@ -327,11 +324,11 @@ def to_markdown(data: dict) -> str:
             lines.append(
                 f"| {s['model']} | {layers} | {s['seq_len']} | {s['batch']} | "
                 f"{'yes' if s.get('compile') else 'no'} | {s.get('activation_checkpointing', 'none')} | {name} | "
-                f"{_fmt(s['step_ms'].get(name), '.1f')} | {_fmt(s['tokens_per_s'].get(name), ',.0f')} | "
-                f"{_fmt(s['speedup'].get(name)) if name != 'dense' else '1.00'} | "
-                f"{_fmt(s['attention_share'], '.1%') if name == 'dense' else ''} | "
-                f"{_fmt(s['amdahl_bound'].get(name)) if name != 'dense' else ''} | "
-                f"{_fmt(s['ideal_bound'].get(name)) if name != 'dense' else ''} |"
+                f"{fmt(s['step_ms'].get(name), '.1f')} | {fmt(s['tokens_per_s'].get(name), ',.0f')} | "
+                f"{fmt(s['speedup'].get(name), '.2f') if name != 'dense' else '1.00'} | "
+                f"{fmt(s['attention_share'], '.1%') if name == 'dense' else ''} | "
+                f"{fmt(s['amdahl_bound'].get(name), '.2f') if name != 'dense' else ''} | "
+                f"{fmt(s['ideal_bound'].get(name), '.2f') if name != 'dense' else ''} |"
             )
         for k, v in s["errors"].items():
             lines.append(f"\n{s['model']} @ {s['seq_len']}: `{k}` failed: {v}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bands import DYNAMIC, PATTERNS
+from .table2 import name_list
 
 if TYPE_CHECKING:  # torch loads when the benchmark runs, not for --help
     import torch
@@ -82,14 +83,6 @@ def parse_shapes(text: str) -> list[Shape]:
     return shapes
 
 
-def _parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [x for x in text.replace(" ", "").split(",") if x]
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; allowed: {', '.join(allowed)}")
-    return items
-
-
 def _partition_len(text: str) -> int | str:
     if text in (DYNAMIC, "seq"):
         return text
@@ -112,11 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device cpu --quick: 1,4,128,32)",
     )
     parser.add_argument(
-        "--patterns", type=lambda s: _parse_list(s, PATTERNS, "pattern"), default=list(DEFAULT_PATTERNS),
+        "--patterns", type=lambda s: name_list(s, PATTERNS, "pattern"), default=list(DEFAULT_PATTERNS),
         help=f"comma-separated band patterns (default {','.join(DEFAULT_PATTERNS)}; allowed {','.join(PATTERNS)})",
     )
     parser.add_argument(
-        "--backends", type=lambda s: _parse_list(s, ALL_BACKENDS, "backend"), default=None,
+        "--backends", type=lambda s: name_list(s, ALL_BACKENDS, "backend"), default=None,
         help=f"comma-separated variants (default on CUDA {','.join(CUDA_DEFAULT_BACKENDS)}; "
         f"on CPU {','.join(CPU_DEFAULT_BACKENDS)}; allowed {','.join(ALL_BACKENDS)})",
     )

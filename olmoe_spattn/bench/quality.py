@@ -29,7 +29,7 @@ import math
 import time
 from pathlib import Path
 
-from .table2 import int_list
+from .table2 import int_list, name_list
 
 VARIANTS: tuple[str, ...] = ("dense", "spattention", "exclusive_bands", "gapped_bands", "sliding_window")
 #: the paper's Table 3 (OLMoE 0.25B-1.75B, downstream average; higher is better)
@@ -42,20 +42,12 @@ PAPER_CLAIMED_ORDER: tuple[tuple[str, str], ...] = (
 )
 
 
-def _variants(text: str) -> list[str]:
-    items = [x for x in text.replace(" ", "").split(",") if x]
-    bad = [x for x in items if x not in VARIANTS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad or text!r}; allowed: {', '.join(VARIANTS)}")
-    return items
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``olmoe-spattn bench quality``."""
     parser.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
                         help="text files or folders (default: the Python standard library's source)")
     parser.add_argument("--seq-lens", type=int_list, default=[1024], help="comma-separated sequence lengths (default 1024)")
-    parser.add_argument("--variants", type=_variants, default=list(VARIANTS),
+    parser.add_argument("--variants", type=lambda s: name_list(s, VARIANTS, "variant(s)"), default=list(VARIANTS),
                         help=f"comma-separated attention variants (default {','.join(VARIANTS)})")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per variant (default 20M; --tiny: 3 steps)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 32768; --tiny: 2 sequences)")

@@ -58,6 +58,15 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def name_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """Comma-separated names, each one of ``allowed`` (argparse ``type=``)."""
+    items = [x for x in text.replace(" ", "").split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; allowed: {', '.join(allowed)}")
+    return items
+
+
 def _variants(text: str) -> list[str]:
     items = [x for x in text.replace(" ", "").split(",") if x]
     try:

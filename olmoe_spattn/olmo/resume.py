@@ -67,6 +67,7 @@ def _identity_from_recipe_dict(data: dict[str, Any]) -> dict[str, Any] | None:
 
 def step_folders(save_folder: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``stepN`` folder (not the ``-tmp`` ones), by step."""
+    # not Checkpointer.find_checkpoints: it skips incomplete folders, which must be seen to be refused
     if not save_folder.is_dir():
         return []
     found = []
@@ -79,6 +80,7 @@ def step_folders(save_folder: Path) -> list[tuple[int, Path]]:
 
 def missing_checkpoint_files(step_dir: Path) -> list[str]:
     """Files OLMo-core needs to resume from ``step_dir`` that are absent (empty = complete)."""
+    # Checkpointer.dir_is_checkpoint's rule; it answers only yes/no, and the error names the files
     if (step_dir / ".metadata").is_file():  # a bare model (+optim) checkpoint
         return []
     need = ("train/rank0.pt", "model_and_optim/.metadata", ".metadata.json")

@@ -16,6 +16,9 @@ default dtype is uint16). Set the same ``dtype`` in the dataset config.
 Inputs: ``.jsonl`` / ``.json`` (one JSON object per line, optionally ``.gz``) and
 ``.parquet`` files, or directories holding them; the text comes from one field
 (``text`` by default).
+
+Dolma's ``dolma tokens`` writes the same format at corpus scale; it is not a dependency of this
+package, so local files are tokenized here with the transformers tokenizer alone.
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ def test_overrides_fill_sections_the_yaml_leaves_out():
     assert (recipe.model.n_layers, recipe.model.d_model, recipe.train.lr) == (2, 2048, 3e-4)
     assert isinstance(recipe.train.lr, float) and recipe.as_dict()["data"]["paths"] == ["x.npy"]
     assert "source" not in recipe.as_dict()
+    assert load_recipe("tiny", ["train.max_steps=3", "train.max_steps=5"]).train.max_steps == 5  # last wins
 
 
 def test_tokenizer_section_is_olmo_core_tokenizer_config():

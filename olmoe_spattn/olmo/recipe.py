@@ -327,9 +327,9 @@ def _check(cls: type, data: object, prefix: str = "", *, partial: bool = False) 
         try:  # the one field alone, as OLMo-core's decoder coerces it
             decode(dataclasses.make_dataclass(name, [(name, hints[name])]), {name: value})
         except DecodeError as err:
-            if get_origin(hints[name]) is Literal:
-                raise ValueError(_not_allowed(key, value, get_args(hints[name]))) from err
             hint = hints[name]
+            if get_origin(hint) is Literal:
+                raise ValueError(_not_allowed(key, value, get_args(hint))) from err
             expected = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
             raise ValueError(f"{key}={value!r} has the wrong type; expected {expected}") from err
 
@@ -337,16 +337,15 @@ def _check(cls: type, data: object, prefix: str = "", *, partial: bool = False) 
 def recipe_from_dict(data: dict, overrides: tuple[str, ...] | list[str] = (), source: str | None = None) -> Recipe:
     """Validates ``data`` (after applying ``key.path=value`` overrides) into a :class:`Recipe`."""
     _check(Recipe, data)
-    recipe = Recipe.from_dict(data)
     for assignment in overrides:
         path, eq, raw = assignment.partition("=")
         if not eq:
             raise ValueError(f"override {assignment!r} must look like key.path=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""  # what Config.merge sets
+        value = yaml.safe_load(raw) if raw.strip() else ""  # the key and value Config.merge sets
         for key in reversed(path.strip(" -").replace("-", "_").split(".")):
             value = {key: value}
         _check(Recipe, value, partial=True)
-        recipe = recipe.merge([assignment])
+    recipe = Recipe.from_dict(data).merge(list(overrides))
     recipe.source = source
     recipe.validate()
     return recipe
@@ -369,6 +368,7 @@ def resolve_recipe_path(path: str | Path) -> Path:
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     """Reads a YAML recipe (``yaml.safe_load``), applies ``key.path=value`` overrides, validates."""
     p = resolve_recipe_path(path)
+    # not Config.from_yaml: the keys are checked (_check) before OLMo-core decodes them
     with open(p, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

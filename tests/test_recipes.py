@@ -107,6 +107,8 @@ def test_overrides_are_parsed_as_yaml():
         (["data.tokenizer.eos_token_id=999"], r"eos_token_id=999 is outside"),
         (["train"], r"must look like key.path=value"),
         (["model=3"], r"model must be a mapping, got int"),
+        (["model.n_layers=true"], r"model.n_layers=True has the wrong type; expected int"),
+        (["train.max_grad_norm=false"], r"train.max_grad_norm=False has the wrong type; expected Optional\[float\]"),
         (["train.betas=[0.9, x]"], r"train.betas=\[0.9, 'x'\] has the wrong type; expected list\[float\]"),
         (["train.lr.x=1"], r"train.lr=\{'x': 1\} has the wrong type; expected float"),
         (["source=x.yaml"], r"unknown key\(s\) \['source'\] in the recipe; allowed: name, "),

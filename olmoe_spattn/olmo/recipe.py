@@ -324,7 +324,9 @@ def _check(cls: type, data: object, prefix: str = "", *, partial: bool = False) 
         if dataclasses.is_dataclass(hints[name]):
             _check(hints[name], value, key, partial=partial)
             continue
-        try:  # the one field alone, as OLMo-core's decoder coerces it
+        try:  # the one field alone, as OLMo-core's decoder coerces it (which takes true for 1)
+            if isinstance(value, bool) and bool not in get_args(hints[name]) + (hints[name],):
+                raise DecodeError(f"{value} is not a number")
             decode(dataclasses.make_dataclass(name, [(name, hints[name])]), {name: value})
         except DecodeError as err:
             hint = hints[name]

@@ -1,7 +1,9 @@
 """``bench sweep``, ``bench decode`` and ``bench overhead``: the Triton band kernel alone, on CUDA.
 
   sweep     every launch configuration of the tuned space (forward, dQ, dK/dV, dK/dV+dQ kernels),
-            per shape and pattern, autotuning off: the data behind the kernels' fixed choices
+            per shape and pattern, autotuning off: the data behind the kernels' fixed choices;
+            with --variants, instead the kernels with and without opt-in features
+            (``OLMOE_SPATTN_TRITON_FEATURES``) side by side (``features.py``)
   decode    one decode step (one query against a KV cache of Tk keys) vs SDPA's dense decode
   overhead  where a small shape's forward+backward time goes: the autograd floor, the raw
             launches and the full path, host (enqueue) time next to GPU time
@@ -29,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sweep/decode: comma-separated patterns (allowed {','.join(PATTERNS)})")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition time per case (ms)")
     parser.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    parser.add_argument("--variants", default=None,
+                        help="sweep: compare kernel feature variants instead of configs, e.g. "
+                             "'default,tma,tma+flat,tma+flat+ws@64x64x4x2' (features joined by '+', "
+                             "optional forward config @BMxBNxWARPSxSTAGES)")
+    parser.add_argument("--cases", default=None,
+                        help="sweep --variants: ';'-separated B,H,T,D:pattern+pattern cases, timed in "
+                             "this order (default: every --shapes x --patterns)")
+    parser.add_argument("--rounds", type=int, default=2, help="sweep --variants: interleaved timing rounds")
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="sweep --variants: skip the remaining cases once this many seconds have passed (0: no limit)")
+    parser.add_argument("--json", default=None, help="sweep --variants: write the results as JSON here")
 
 
 def _bench(fn, rep_ms: float) -> float:
@@ -193,7 +206,17 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown pattern(s) {bad}; allowed: {', '.join(PATTERNS)}")
     print(f"bench {args.bench_kind} on {torch.cuda.get_device_name()}", flush=True)
-    if args.bench_kind == "sweep":
+    if args.bench_kind == "sweep" and args.variants:
+        from .features import parse_cases, parse_variants, run_variants
+
+        variants = parse_variants(args.variants)
+        if args.cases:
+            cases = parse_cases(args.cases)
+        else:
+            cases = [(shape, pat) for shape in args.shapes for pat in patterns]
+        lines = run_variants(cases, variants, rep_ms=args.rep_ms, rounds=args.rounds,
+                             budget_s=args.budget_s, json_path=args.json)
+    elif args.bench_kind == "sweep":
         lines = sweep(args.shapes, patterns, args.rep_ms)
     elif args.bench_kind == "decode":
         lines = decode(patterns, args.rep_ms)

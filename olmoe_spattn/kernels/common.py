@@ -177,6 +177,14 @@ def pair_mask(i_pos, j_pos, i_end, tk, lo0, hi0, lo1, hi1):
 
 
 @triton.jit
+def pair_mask_flat(i_pos, j_pos, i_end, tk, lo0, hi0, lo1, hi1):
+    """:func:`pair_mask` without a data-dependent branch (an unused interval ``(0, 0)``
+    matches nothing: its unsigned width is 0), for loops that must be branch-free."""
+    ok = _in_interval(i_pos, j_pos, lo0, hi0) | _in_interval(i_pos, j_pos, lo1, hi1)
+    return ok & (j_pos < tk)[None, :] & (i_pos < i_end)[:, None]
+
+
+@triton.jit
 def attended_columns(allowed):
     """``[N]`` bool: columns of an ``[M, N]`` pair mask that at least one row allows."""
     return tl.max(allowed.to(tl.int32), 0) > 0

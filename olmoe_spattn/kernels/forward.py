@@ -17,7 +17,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import attended_columns, key_block_ranges, load_intervals, pair_mask, tile_is_full
+from .common import (
+    attended_columns,
+    key_block_ranges,
+    load_intervals,
+    pair_mask,
+    pair_mask_flat,
+    tile_is_full,
+)
 
 
 @triton.jit
@@ -40,6 +47,9 @@ def fwd_kernel(
     IS_VARLEN: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
+    FLAT_MASK: tl.constexpr = False,
 ):
     # ---------------------------------------------------------------- which tile
     m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
@@ -62,8 +72,9 @@ def fwd_kernel(
         tk = tk_arg
         q_off = q_off_arg
         tab = Table + h * 4
-    if m * BLOCK_M >= tq:
-        return
+    if not WARP_SPEC:  # warp specialization needs structured control flow: no early exit
+        if m * BLOCK_M >= tq:
+            return
     h_kv = h // group
     lo0, hi0, lo1, hi1 = load_intervals(tab)
 
@@ -85,30 +96,55 @@ def fwd_kernel(
         chunk = tl.cdiv(n_tot, n_split)
         t_lo = tl.minimum(split * chunk, n_tot)
         t_hi = tl.minimum(t_lo + chunk, n_tot)
+    if WARP_SPEC:  # a tile past this sequence's end: empty loop, every store masked off
+        t_hi = tl.where(m * BLOCK_M >= tq, t_lo, t_hi)
 
-    q_base = Q + b.to(tl.int64) * stride_qb + (seq_start + offs_m).to(tl.int64)[:, None] * stride_qt
-    q = tl.load(q_base + h * stride_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
+    if USE_TMA:
+        # Q is a 2-D descriptor over [B * Tq (or total), H * D]; rows past the sequence's end
+        # hold other data or TMA's zeros: they only feed their own rows, which are never stored
+        q = Q.load([(b * tq + seq_start + m * BLOCK_M).to(tl.int32), h * HEAD_DIM])
+    else:
+        q_base = Q + b.to(tl.int64) * stride_qb + (seq_start + offs_m).to(tl.int64)[:, None] * stride_qt
+        q = tl.load(q_base + h * stride_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_TMA:
+        # K, V are 2-D descriptors over [B * Tk (or total), Hkv * D]; rows past this
+        # sequence's end (the next sequence, or TMA's zero fill) are masked below exactly
+        # like the pointer path's, because such key blocks are never full tiles
+        kv_row0 = (b * tk + seq_start).to(tl.int32)
+        kv_col = h_kv * HEAD_DIM
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in range(t_lo, t_hi):
+    for t in tl.range(t_lo, t_hi, warp_specialize=WARP_SPEC):
         kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
         j0 = kb * BLOCK_N
         cols = j0 + offs_n
-        kv_mask = (cols < tk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if USE_TMA:
+            k = K.load([kv_row0 + j0, kv_col])
+        else:
+            kv_mask = (cols < tk)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-            allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
+        if USE_TMA:
+            v = V.load([kv_row0 + j0, kv_col])
+        else:
+            v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FLAT_MASK:  # no data-dependent branch in the loop body: every tile is masked
+            allowed = pair_mask_flat(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
             qk = tl.where(allowed, qk, float("-inf"))
-            # values no row of the tile attends never reach the output (0 * NaN would)
             v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
+        else:
+            if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+                allowed = pair_mask(i_pos, cols, i_end, tk, lo0, hi0, lo1, hi1)
+                qk = tl.where(allowed, qk, float("-inf"))
+                # values no row of the tile attends never reach the output (0 * NaN would)
+                v = tl.where(attended_columns(allowed)[:, None], v, 0.0)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
         p = tl.math.exp2(qk * qk_scale - m_sub[:, None])

@@ -1,4 +1,17 @@
-"""Host-side launchers: allocate outputs, pick configurations, launch the kernels."""
+"""Host-side launchers: allocate outputs, pick configurations, launch the kernels.
+
+``OLMOE_SPATTN_TRITON_FEATURES`` (comma-separated, default empty) opts the forward kernel
+into Hopper-era features of plain Triton, for measurement (``bench sweep --variants``);
+without it the kernels compile exactly as before:
+
+* ``tma``: Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
+  ``[B * T, H * D]``); needs a power-of-two head dim >= 16, unit stride along D, heads packed
+  along a row (``stride_h == D``), batch rows packed (``stride_b == T * stride_t``) and
+  16-byte aligned data and row strides; calls that do not qualify use pointer loads.
+* ``flat``: the key loop masks every tile (no data-dependent branch in the loop body).
+* ``ws``: ``tl.range(..., warp_specialize=True)`` on the key loop (needs ``tma``: Triton's
+  Hopper warp specialization accepts descriptor loads only; it also needs ``flat``).
+"""
 
 from __future__ import annotations
 
@@ -19,13 +32,62 @@ def _work_bucket(p: Problem) -> int:
     return (max(p.z * p.max_tq * p.n_heads, 1)).bit_length()
 
 
-def _launch(kind: str, fn, grid_of, p: Problem, args: list, **constexprs) -> None:
-    """Launches ``fn`` with the fixed config, or the tuned one (autotuning on)."""
+#: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
+TRITON_FEATURES = ("tma", "flat", "ws")
+
+
+def triton_features() -> frozenset[str]:
+    """The features named by ``OLMOE_SPATTN_TRITON_FEATURES`` (empty: today's kernels)."""
+    raw = os.environ.get("OLMOE_SPATTN_TRITON_FEATURES", "")
+    names = frozenset(x.strip() for x in raw.split(",") if x.strip())
+    bad = sorted(names - set(TRITON_FEATURES))
+    if bad:
+        raise ValueError(
+            f"OLMOE_SPATTN_TRITON_FEATURES={raw!r}: unknown {bad}; allowed: {', '.join(TRITON_FEATURES)}"
+        )
+    if "ws" in names and not {"tma", "flat"} <= names:
+        raise ValueError(
+            f"OLMOE_SPATTN_TRITON_FEATURES={raw!r}: 'ws' needs 'tma' and 'flat' (Triton's Hopper warp "
+            "specialization takes descriptor loads only and a loop body without data-dependent branches)"
+        )
+    return names
+
+
+def tma_ok(x: torch.Tensor, head_dim: int, block_d: int) -> bool:
+    """Whether ``x [B, T, H, D]`` can be read through a 2-D descriptor over ``[B * T, H * D]``."""
+    b, t, h, d = x.shape
+    elt = x.element_size()
+    return (
+        x.is_cuda or interpreting()
+    ) and head_dim == block_d and x.stride(3) == 1 and x.stride(2) == d and (
+        b == 1 or x.stride(0) == t * x.stride(1)
+    ) and x.data_ptr() % 16 == 0 and (x.stride(1) * elt) % 16 == 0 and b * t > 0
+
+
+def tma_descriptor(x: torch.Tensor, block_rows: int, block_d: int):
+    """Host-side TMA descriptor over ``x [B, T, H, D]`` viewed as ``[B * T, H * D]``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, t, h, d = x.shape
+    return TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [block_rows, block_d])
+
+
+def _launch(kind: str, fn, grid_of, p: Problem, args: list, descriptors=None, **constexprs) -> None:
+    """Launches ``fn`` with the fixed config, or the tuned one (autotuning on).
+
+    ``descriptors(cfg)``, when given, returns ``{argument index: TMA descriptor}`` for that
+    config's tile sizes; those replace the pointer arguments.
+    """
     cfg = fixed_config(kind, p.block_d, p.extent)
 
     def run(c):
+        a = args
+        if descriptors is not None:
+            a = list(args)
+            for i, desc in descriptors(c).items():
+                a[i] = desc
         return fn[grid_of(c.block_m, c.block_n)](
-            *args, **constexprs, **c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages
+            *a, **constexprs, **c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages
         )
 
     if autotune_enabled():
@@ -59,10 +121,21 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
+    features = triton_features()
+    extra = {}
+    descriptors = None
+    if "tma" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v)):
+        extra = dict(USE_TMA=True, WARP_SPEC="ws" in features)
+
+        def descriptors(c):
+            return {0: tma_descriptor(q, c.block_m, p.block_d), 1: tma_descriptor(k, c.block_n, p.block_d),
+                    2: tma_descriptor(v, c.block_n, p.block_d)}
+    if "flat" in features:
+        extra["FLAT_MASK"] = True
     _launch(
-        "fwd", fwd_kernel, lambda bm, bn: (triton.cdiv(p.max_tq, bm), p.n_heads, p.z), p, args,
+        "fwd", fwd_kernel, lambda bm, bn: (triton.cdiv(p.max_tq, bm), p.n_heads, p.z), p, args, descriptors,
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, IS_VARLEN=p.is_varlen, SPLIT=False,
-        DOT_PRECISION=p.dot_precision,
+        DOT_PRECISION=p.dot_precision, **extra,
     )
     return out, lse
 

@@ -1,0 +1,154 @@
+"""Opt-in forward-kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, flat, ws).
+
+On a CPU machine these run through Triton's interpreter, which executes TMA descriptor
+loads (host-side ``TensorDescriptor``) and ignores ``warp_specialize``; the compiled
+warp-specialized code is covered by ``tests/gpu/test_kernel_features_gpu.py``. Every
+variant must give the default kernel's output and log-sum-exp (bit for bit here: the same
+arithmetic, only the loads and the masking of full tiles differ) and stay within the
+2x-of-low-precision rule of the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from attention_checks import CASES, Case, assert_within_rule, lowp_sdpa, reference_outputs
+
+from olmoe_spattn import BandSpec
+from olmoe_spattn.kernels import launch, triton_band_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VARIANTS = ["tma", "flat", "tma,flat,ws"]
+ENV = "OLMOE_SPATTN_TRITON_FEATURES"
+
+
+def _count_descriptors(monkeypatch) -> list:
+    made = []
+    real = launch.tma_descriptor
+
+    def counting(x, rows, block_d):
+        made.append((tuple(x.shape), rows, block_d))
+        return real(x, rows, block_d)
+
+    monkeypatch.setattr(launch, "tma_descriptor", counting)
+    return made
+
+
+CASE_DTYPES = [(c, d) for c in CASES for d in (torch.float32, torch.float16) if c.head_dim >= 16 or d == torch.float32]
+
+
+@pytest.mark.parametrize("features", VARIANTS)
+@pytest.mark.parametrize(("case", "dtype"), CASE_DTYPES, ids=lambda x: x.name if isinstance(x, Case) else str(x))
+def test_variant_equals_default_and_oracle(case: Case, dtype, features, monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("compiled variants are checked in tests/gpu/test_kernel_features_gpu.py")
+    q, k, v = case.tensors(dtype, device=DEVICE)
+    kw = case.kwargs(DEVICE)
+    monkeypatch.delenv(ENV, raising=False)
+    want, want_lse = triton_band_attention(q, k, v, case.spec, return_lse=True, **kw)
+    made = _count_descriptors(monkeypatch)
+    monkeypatch.setenv(ENV, features)
+    out, lse = triton_band_attention(q, k, v, case.spec, return_lse=True, **kw)
+    # TMA needs a power-of-two head dim; the decode path (Tq <= 16) keeps pointer loads
+    expect_tma = "tma" in features and case.head_dim >= 16 and case.q_len > 16
+    assert bool(made) == expect_tma, made
+    assert torch.equal(out, want)
+    assert torch.equal(lse, want_lse)
+    ref, _ = reference_outputs(case, *(x.double() for x in (q, k, v)))
+    assert_within_rule(f"out[{features}]", out, lowp_sdpa(case, q, k, v), ref, dtype)
+
+
+@pytest.mark.parametrize("features", ["tma", "tma,flat,ws"])
+def test_rows_past_a_sequence_end_stay_isolated(features, monkeypatch):
+    """Through a 2-D descriptor, the rows after a sequence's last key are the next batch row's
+    (or document's) keys: NaN there must not reach this sequence, exactly as without TMA."""
+    spec = BandSpec("spattention", 4, 24)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, 4, 16, generator=g) for _ in range(3))  # [B, T, H, D], T % 16 != 0
+    k[1], v[1] = float("nan"), float("nan")
+    monkeypatch.setenv(ENV, features)
+    out = triton_band_attention(q, k, v, spec)
+    monkeypatch.delenv(ENV)
+    want = triton_band_attention(q, k, v, spec)
+    assert torch.isfinite(out[0]).all()
+    assert torch.equal(out[0], want[0])
+
+    cu = torch.tensor([0, 21, 50, 74], dtype=torch.int32)  # packed documents, one poisoned
+    qp, kp, vp = (x.reshape(1, 74, 4, 16).clone() for x in (q, k.nan_to_num(0.5), v.nan_to_num(0.5)))
+    kp[:, 21:50], vp[:, 21:50] = float("nan"), float("nan")
+    monkeypatch.setenv(ENV, features)
+    out = triton_band_attention(qp, kp, vp, spec, cu_seqlens=cu, max_seqlen=29)
+    monkeypatch.delenv(ENV)
+    want = triton_band_attention(qp, kp, vp, spec, cu_seqlens=cu, max_seqlen=29)
+    for a, b in ((0, 21), (50, 74)):
+        assert torch.isfinite(out[:, a:b]).all()
+        assert torch.equal(out[:, a:b], want[:, a:b])
+
+
+def test_non_packed_heads_fall_back_to_pointer_loads(monkeypatch):
+    """A view whose heads are not packed along a row cannot be one 2-D descriptor."""
+    spec = BandSpec("exclusive_bands", 2, 40)
+    x = torch.randn(1, 40, 2, 3, 16)  # [B, T, H, qkv, D]
+    q, k, v = x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]  # stride_h = 48 != D
+    made = _count_descriptors(monkeypatch)
+    monkeypatch.setenv(ENV, "tma")
+    out = triton_band_attention(q, k, v, spec)
+    assert made == []
+    monkeypatch.delenv(ENV)
+    assert torch.equal(out, triton_band_attention(q, k, v, spec))
+
+
+@pytest.mark.parametrize(("value", "words"), [("tma,fast", "unknown ['fast']"), ("ws", "'ws' needs 'tma' and 'flat'"),
+                                              ("tma,ws", "'ws' needs")])
+def test_bad_feature_names_are_clear_errors(value, words, monkeypatch):
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ValueError, match=ENV) as err:
+        launch.triton_features()
+    assert words in str(err.value)
+
+
+def test_empty_setting_means_no_features(monkeypatch):
+    monkeypatch.setenv(ENV, " , ")
+    assert launch.triton_features() == frozenset()
+
+
+# ----------------------------------------------------------------------------- bench sweep --variants
+def test_bench_variants_in_the_interpreter(tmp_path):
+    """`bench sweep --variants` drives every variant (one call each instead of do_bench),
+    reports its difference from the default and writes the JSON; a spent budget skips cases."""
+    from olmoe_spattn.bench import features as F
+
+    variants = F.parse_variants("tma,tma+flat+ws@16x16x4x1")
+    assert [v.name for v in variants] == ["default", "tma", "tma+flat+ws@16x16x4x1"]
+    assert variants[2].features == ("tma", "flat", "ws") and variants[2].fwd_config == (16, 16, 4, 1)
+    cases = F.parse_cases("1,2,40,16:exclusive_bands+dense;1,2,20,16")
+    assert [c[1] for c in cases] == ["exclusive_bands", "dense", "exclusive_bands"]
+    path = tmp_path / "variants.json"
+    lines = F.run_variants(cases[:2], variants, rep_ms=1.0, rounds=1, json_path=str(path), device="cpu",
+                           dtype=torch.float32, bench=lambda fn, rep_ms: fn() and 1.0, do_preflight=False)
+    assert len([x for x in lines if x.startswith("| 1,2,40,16")]) == 6
+    rec = json.loads(path.read_text())
+    assert [r["variant"] for r in rec["rows"]] == [v.name for v in variants] * 2
+    assert all(r["max_diff_vs_default"] == 0.0 and r["fwd_ms"] == 1.0 for r in rec["rows"]), rec["rows"]
+    lines = F.run_variants(cases, variants, rep_ms=1.0, budget_s=1e-9, json_path=str(path), device="cpu",
+                           dtype=torch.float32, bench=lambda fn, rep_ms: 1.0, do_preflight=False)
+    assert len(json.loads(path.read_text())["skipped_cases"]) == 3
+
+
+@pytest.mark.parametrize(("text", "words"), [("tma+fast", "unknown feature"), ("tma@64x64", "BMxBNxWARPSxSTAGES")])
+def test_bench_variant_errors(text, words):
+    from olmoe_spattn.bench import features as F
+
+    with pytest.raises(ValueError, match=words):
+        F.parse_variants(text)
+
+
+def test_bench_case_errors():
+    from olmoe_spattn.bench import features as F
+
+    with pytest.raises(ValueError, match="unknown pattern"):
+        F.parse_cases("1,2,40,16:bands")
+    with pytest.raises(ValueError, match="four positive integers"):
+        F.parse_cases("1,2,40:dense")

@@ -1,7 +1,8 @@
 """Opt-in forward-kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, flat, ws).
 
 On a CPU machine these run through Triton's interpreter, which executes TMA descriptor
-loads (host-side ``TensorDescriptor``) and ignores ``warp_specialize``; the compiled
+loads (host-side ``TensorDescriptor``) and ignores ``warp_specialize``; ``tma_bwd`` does the
+same for the backward kernels; the compiled
 warp-specialized code is covered by ``tests/gpu/test_kernel_features_gpu.py``. Every
 variant must give the default kernel's output and log-sum-exp (bit for bit here: the same
 arithmetic, only the loads and the masking of full tiles differ) and stay within the
@@ -14,7 +15,7 @@ import json
 
 import pytest
 import torch
-from attention_checks import CASES, Case, assert_within_rule, lowp_sdpa, reference_outputs
+from attention_checks import CASES, Case, assert_within_rule, check_heads, lowp_sdpa, reference_outputs
 
 from olmoe_spattn import BandSpec
 from olmoe_spattn.kernels import launch, triton_band_attention
@@ -39,8 +40,12 @@ def _count_descriptors(monkeypatch) -> list:
 CASE_DTYPES = [(c, d) for c in CASES for d in (torch.float32, torch.float16) if c.head_dim >= 16 or d == torch.float32]
 
 
-@pytest.mark.parametrize("features", VARIANTS)
-@pytest.mark.parametrize(("case", "dtype"), CASE_DTYPES, ids=lambda x: x.name if isinstance(x, Case) else str(x))
+# pointer loads with flat masking change no load: fp32 suffices for them
+FWD_PARAMS = [(c, d, f) for f in VARIANTS for c, d in CASE_DTYPES if f != "flat" or d == torch.float32]
+
+
+@pytest.mark.parametrize(("case", "dtype", "features"), FWD_PARAMS,
+                         ids=lambda x: x.name if isinstance(x, Case) else str(x))
 def test_variant_equals_default_and_oracle(case: Case, dtype, features, monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("compiled variants are checked in tests/gpu/test_kernel_features_gpu.py")
@@ -60,31 +65,67 @@ def test_variant_equals_default_and_oracle(case: Case, dtype, features, monkeypa
     assert_within_rule(f"out[{features}]", out, lowp_sdpa(case, q, k, v), ref, dtype)
 
 
-@pytest.mark.parametrize("features", ["tma", "tma,flat,ws"])
+@pytest.mark.parametrize(("case", "dtype"), CASE_DTYPES, ids=lambda x: x.name if isinstance(x, Case) else str(x))
+def test_backward_descriptors_equal_default_and_oracle(case: Case, dtype, monkeypatch):
+    """``tma_bwd``: dQ (K, V through descriptors) and dK/dV (Q, dO through descriptors)."""
+    if DEVICE == "cuda":
+        pytest.skip("compiled variants are checked in tests/gpu/test_kernel_features_gpu.py")
+    q, k, v = case.tensors(dtype, device=DEVICE, requires_grad=True)
+    kw = case.kwargs(DEVICE)
+    g = torch.randn_like(q)
+    monkeypatch.delenv(ENV, raising=False)
+    want = torch.autograd.grad(triton_band_attention(q, k, v, case.spec, **kw), (q, k, v), g)
+    made = _count_descriptors(monkeypatch)
+    monkeypatch.setenv(ENV, "tma_bwd")
+    got = torch.autograd.grad(triton_band_attention(q, k, v, case.spec, **kw), (q, k, v), g)
+    assert bool(made) == (case.head_dim >= 16), made  # the backward has no decode path
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(a, w), name
+    check_heads(triton_band_attention, case.spec, q, k, v, lse=True, **kw)
+
+
+@pytest.mark.parametrize("features", ["tma,tma_bwd", "tma,flat,ws,tma_bwd"])
 def test_rows_past_a_sequence_end_stay_isolated(features, monkeypatch):
     """Through a 2-D descriptor, the rows after a sequence's last key are the next batch row's
     (or document's) keys: NaN there must not reach this sequence, exactly as without TMA."""
     spec = BandSpec("spattention", 4, 24)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 37, 4, 16, generator=g) for _ in range(3))  # [B, T, H, D], T % 16 != 0
-    k[1], v[1] = float("nan"), float("nan")
+    k[1], v[1], q[1] = float("nan"), float("nan"), float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    go = torch.randn_like(q)
+    go[1] = float("nan")
     monkeypatch.setenv(ENV, features)
     out = triton_band_attention(q, k, v, spec)
+    grads = torch.autograd.grad(out, (q, k, v), go)
     monkeypatch.delenv(ENV)
     want = triton_band_attention(q, k, v, spec)
+    want_grads = torch.autograd.grad(want, (q, k, v), go)
     assert torch.isfinite(out[0]).all()
     assert torch.equal(out[0], want[0])
+    for a, w in zip(grads, want_grads):
+        assert torch.isfinite(a[0]).all()
+        assert torch.equal(a[0], w[0])
+    q, k, v = (x.detach() for x in (q, k, v))
 
     cu = torch.tensor([0, 21, 50, 74], dtype=torch.int32)  # packed documents, one poisoned
-    qp, kp, vp = (x.reshape(1, 74, 4, 16).clone() for x in (q, k.nan_to_num(0.5), v.nan_to_num(0.5)))
-    kp[:, 21:50], vp[:, 21:50] = float("nan"), float("nan")
+    qp, kp, vp = (x.nan_to_num(0.5).reshape(1, 74, 4, 16).clone() for x in (q, k, v))
+    kp[:, 21:50], vp[:, 21:50], qp[:, 21:50] = float("nan"), float("nan"), float("nan")
+    qp, kp, vp = (x.requires_grad_() for x in (qp, kp, vp))
+    go = torch.randn_like(qp)
+    go[:, 21:50] = float("nan")
     monkeypatch.setenv(ENV, features)
     out = triton_band_attention(qp, kp, vp, spec, cu_seqlens=cu, max_seqlen=29)
+    grads = torch.autograd.grad(out, (qp, kp, vp), go)
     monkeypatch.delenv(ENV)
     want = triton_band_attention(qp, kp, vp, spec, cu_seqlens=cu, max_seqlen=29)
+    want_grads = torch.autograd.grad(want, (qp, kp, vp), go)
     for a, b in ((0, 21), (50, 74)):
         assert torch.isfinite(out[:, a:b]).all()
         assert torch.equal(out[:, a:b], want[:, a:b])
+        for x, w in zip(grads, want_grads):
+            assert torch.isfinite(x[:, a:b]).all()
+            assert torch.equal(x[:, a:b], w[:, a:b])
 
 
 def test_non_packed_heads_fall_back_to_pointer_loads(monkeypatch):

@@ -93,6 +93,7 @@ def dq_kernel(
     IS_VARLEN: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -130,8 +131,14 @@ def dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
     lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
     a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
-    k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
+    if USE_TMA:
+        # K, V: 2-D descriptors over [B * Tk (or total), Hkv * D]; rows past this sequence's
+        # end only occur in edge tiles, where dS is masked and unattended keys are zeroed
+        kv_row0 = (b * tk + seq_start).to(tl.int32)
+        kv_col = h_kv * HEAD_DIM
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + seq_start.to(tl.int64) * stride_kt + h_kv * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + seq_start.to(tl.int64) * stride_vt + h_kv * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -139,9 +146,13 @@ def dq_kernel(
         kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
         j0 = kb * BLOCK_N
         cols = j0 + offs_n
-        kv_mask = (cols < tk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if USE_TMA:
+            k = K.load([kv_row0 + j0, kv_col])
+            v = V.load([kv_row0 + j0, kv_col])
+        else:
+            kv_mask = (cols < tk)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -184,6 +195,7 @@ def dkdv_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     n = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -214,8 +226,11 @@ def dkdv_kernel(
         h = h_kv * group + g
         lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
         c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
-        q_base = Q + b.to(tl.int64) * stride_qb + seq_start.to(tl.int64) * stride_qt + h * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + seq_start.to(tl.int64) * stride_dot + h * stride_doh
+        if USE_TMA:  # Q, dO: 2-D descriptors over [B * Tq (or total), H * D]
+            q_row0 = (b * tq + seq_start).to(tl.int32)
+        else:
+            q_base = Q + b.to(tl.int64) * stride_qb + seq_start.to(tl.int64) * stride_qt + h * stride_qh
+            do_base = DO + b.to(tl.int64) * stride_dob + seq_start.to(tl.int64) * stride_dot + h * stride_doh
         l_base = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
         for t in range(0, n0 + n1):
             mb = tl.where(t < n0, c0 + t, c1 + (t - n0))
@@ -223,8 +238,15 @@ def dkdv_kernel(
             row_ok = offs_m < tq
             qd_mask = row_ok[:, None] & d_ok[None, :]
             rows = offs_m.to(tl.int64)[:, None]
-            q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
+            if USE_TMA:
+                q = Q.load([q_row0 + mb * BLOCK_M, h * HEAD_DIM])
+                do = DO.load([q_row0 + mb * BLOCK_M, h * HEAD_DIM])
+                if mb * BLOCK_M + BLOCK_M > tq:  # rows past the end: the next sequence's, zeroed
+                    q = tl.where(row_ok[:, None], q, 0.0)
+                    do = tl.where(row_ok[:, None], do, 0.0)
+            else:
+                q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0)
+                do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0)
             lse = tl.load(Lse + l_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(Delta + l_base + offs_m, mask=row_ok, other=0.0)

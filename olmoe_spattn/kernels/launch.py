@@ -1,16 +1,20 @@
 """Host-side launchers: allocate outputs, pick configurations, launch the kernels.
 
-``OLMOE_SPATTN_TRITON_FEATURES`` (comma-separated, default empty) opts the forward kernel
-into Hopper-era features of plain Triton, for measurement (``bench sweep --variants``);
-without it the kernels compile exactly as before:
+``OLMOE_SPATTN_TRITON_FEATURES`` (comma-separated, default empty) opts the kernels into
+Hopper-era features of plain Triton, for measurement (``bench sweep --variants``); without
+it the kernels compile exactly as before:
 
-* ``tma``: Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
+* ``tma``: the forward's Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
   ``[B * T, H * D]``); needs a power-of-two head dim >= 16, unit stride along D, heads packed
   along a row (``stride_h == D``), batch rows packed (``stride_b == T * stride_t``) and
   16-byte aligned data and row strides; calls that do not qualify use pointer loads.
-* ``flat``: the key loop masks every tile (no data-dependent branch in the loop body).
-* ``ws``: ``tl.range(..., warp_specialize=True)`` on the key loop (needs ``tma``: Triton's
-  Hopper warp specialization accepts descriptor loads only; it also needs ``flat``).
+* ``tma_bwd``: the same for the backward's streamed tiles: K and V in ``dq_kernel``, Q and
+  dO in ``dkdv_kernel`` (whose last query tile of a sequence zeroes the rows past its end,
+  as the masked pointer loads do).
+* ``flat``: the forward's key loop masks every tile (no data-dependent branch in the loop body).
+* ``ws``: ``tl.range(..., warp_specialize=True)`` on the forward's key loop, and no early exit
+  (Triton's Hopper warp specialization takes descriptor loads only and structured control
+  flow without branches in the loop: needs ``tma`` and ``flat``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "flat", "ws")
+TRITON_FEATURES = ("tma", "tma_bwd", "flat", "ws")
 
 
 def triton_features() -> frozenset[str]:
@@ -161,9 +165,16 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
+    extra = {}
+    descriptors = None
+    if "tma_bwd" in triton_features() and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
+        extra = dict(USE_TMA=True)
+
+        def descriptors(c):
+            return {1: tma_descriptor(k, c.block_n, p.block_d), 2: tma_descriptor(v, c.block_n, p.block_d)}
     _launch(
-        "dq", dq_kernel, lambda bm, bn: (triton.cdiv(p.max_tq, bm), p.n_heads, p.z), p, args,
-        HAS_DLSE=dlse is not None, **_bwd_const(p),
+        "dq", dq_kernel, lambda bm, bn: (triton.cdiv(p.max_tq, bm), p.n_heads, p.z), p, args, descriptors,
+        HAS_DLSE=dlse is not None, **_bwd_const(p), **extra,
     )
 
 
@@ -200,10 +211,17 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
+    extra = {}
+    descriptors = None
+    if "tma_bwd" in triton_features() and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
+        extra = dict(USE_TMA=True)
+
+        def descriptors(c):
+            return {0: tma_descriptor(q, c.block_m, p.block_d), 3: tma_descriptor(do, c.block_m, p.block_d)}
     _launch(
         "dkdv" if dq_acc is None else "dkdvdq", dkdv_kernel,
-        lambda bm, bn: (triton.cdiv(p.max_tk, bn), p.n_kv_heads, p.z), p, args,
-        ATOMIC_DQ=dq_acc is not None, **_bwd_const(p),
+        lambda bm, bn: (triton.cdiv(p.max_tk, bn), p.n_kv_heads, p.z), p, args, descriptors,
+        ATOMIC_DQ=dq_acc is not None, **_bwd_const(p), **extra,
     )
 
 

@@ -1,9 +1,9 @@
 """Opt-in forward-kernel features on CUDA (``OLMOE_SPATTN_TRITON_FEATURES``), vs float64.
 
-Each variant (TMA descriptor loads, branch-free masking, warp specialization, and a launch
-configuration under which Triton warp-specializes the loop) runs the odd shapes in bf16 and
+Each variant (TMA descriptor loads in the forward and the backward, branch-free masking,
+warp specialization, and a launch configuration under which Triton warp-specializes the loop) runs the odd shapes in bf16 and
 fp16 through the same oracle checks as the default kernel (forward, log-sum-exp with ``-inf``
-exactly on empty rows, and the backward from the variant's output). Variants that risk a
+exactly on empty rows, and the backward). Variants that risk a
 compiler abort come last, so ``pytest -v`` shows every earlier result. Run with
 ``OLMOE_SPATTN_AUTOTUNE=0``.
 """
@@ -19,7 +19,7 @@ from olmoe_spattn import BandSpec
 pytestmark = pytest.mark.gpu
 
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
-VARIANTS = [("tma", None), ("tma,flat", None), ("tma,flat,ws", None), ("tma,flat,ws", (64, 64, 4, 3))]
+VARIANTS = [("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,ws", None), ("tma,flat,ws", (64, 64, 4, 3))]
 
 
 def _inputs(b, t, h, hkv, d, dtype, seed=0):

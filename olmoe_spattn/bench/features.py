@@ -142,17 +142,19 @@ def _max_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
 
 
-def preflight(variants: list[Variant], cases: list[Case], timeout_s: float) -> dict[str, str]:
-    """Runs each non-default variant on small versions of the cases in its own subprocess
-    (in parallel); returns ``{variant name: failure text}`` for those that failed."""
-    small = sorted({((1, h, min(t, 4096), d), pat) for (_b, h, t, d), pat in cases})
+def preflight(variants: list[Variant], cases: list[Case], timeout_s: float, device: str = "cuda",
+              max_len: int = 4096) -> dict[str, str]:
+    """Runs each non-default variant on small versions of the cases (``B = 1``, ``T`` at most
+    ``max_len``) in its own subprocess, all in parallel; returns ``{variant name: failure
+    text}`` for those that failed or ran out of time."""
+    small = sorted({((1, h, min(t, max_len), d), pat) for (_b, h, t, d), pat in cases})
     procs = {}
     for var in variants:
         if var.name == "default":
             continue
         code = (
             "from olmoe_spattn.bench.features import _preflight_child, parse_variants;"
-            f"_preflight_child(parse_variants({var.name!r})[-1], {small!r})"
+            f"_preflight_child(parse_variants({var.name!r})[-1], {small!r}, {device!r})"
         )
         procs[var.name] = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -173,15 +175,16 @@ def preflight(variants: list[Variant], cases: list[Case], timeout_s: float) -> d
     return failed
 
 
-def _preflight_child(variant: Variant, cases: list) -> None:
+def _preflight_child(variant: Variant, cases: list, device: str = "cuda") -> None:
     """Subprocess body: compile and run ``variant`` on every case (raises on failure)."""
     import torch
 
     for case in cases:
         with use_variant(variant):
-            _, fwd_bwd = _calls(tuple(case), "cuda", torch.bfloat16)
+            _, fwd_bwd = _calls(tuple(case), device, torch.bfloat16 if device == "cuda" else torch.float32)
             res = fwd_bwd()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         if not all(torch.isfinite(x).all() for x in res):
             raise RuntimeError(f"non-finite result for {case}")
 

@@ -163,6 +163,7 @@ def test_bench_variants_in_the_interpreter(tmp_path):
 
     variants = F.parse_variants("tma,tma+flat+ws@16x16x4x1")
     assert [v.name for v in variants] == ["default", "tma", "tma+flat+ws@16x16x4x1"]
+    assert [v.name for v in F.parse_variants("tma,default")] == ["default", "tma"]
     assert variants[2].features == ("tma", "flat", "ws") and variants[2].fwd_config == (16, 16, 4, 1)
     cases = F.parse_cases("1,2,40,16:exclusive_bands+dense;1,2,20,16")
     assert [c[1] for c in cases] == ["exclusive_bands", "dense", "exclusive_bands"]

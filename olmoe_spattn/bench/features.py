@@ -44,7 +44,7 @@ class Variant:
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """``"default,tma,tma+flat+ws@64x64x4x2"`` -> variants (``default`` always first)."""
+    """``"tma,default,tma+flat+ws@64x64x4x2"`` -> variants (``default`` first, added if missing)."""
     from ..kernels.launch import TRITON_FEATURES
 
     out: list[Variant] = []
@@ -69,9 +69,8 @@ def parse_variants(text: str) -> list[Variant]:
                     f"variant {part!r}: the config after '@' must be BMxBNxWARPSxSTAGES, e.g. 64x64x4x2"
                 )
         out.append(Variant(part, names, config))  # type: ignore[arg-type]
-    if not any(v.name == "default" for v in out):
-        out.insert(0, Variant("default", ()))
-    return out
+    default = [v for v in out if v.name == "default"] or [Variant("default", ())]
+    return default + [v for v in out if v.name != "default"]  # the baseline first
 
 
 def parse_cases(text: str) -> list[Case]:

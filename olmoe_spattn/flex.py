@@ -217,28 +217,48 @@ def _attended_keys_cached(
     return used.to(device)
 
 
-def attended_keys(
+@functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
+def unattended_kv_table(
+    spec: BandSpec, q_len: int, kv_len: int, q_offset: int, head_offset: int, n_local: int, n_kv: int,
+    cu: tuple[int, ...] | None, device: str,
+) -> torch.Tensor | None:
+    """``[1, Tk, Hkv, 1]`` bool on ``device``: key ``j`` is attended by no query of any head in
+    kv head ``g``'s group; ``None`` when every key is attended. Cached per geometry
+    (``cu``: document offsets as a tuple, or ``None``)."""
+    used = _attended_keys_cached(spec, q_len, kv_len, q_offset, head_offset, n_local, cu, "cpu")  # [H, Tk]
+    used_kv = used.view(n_kv, -1, kv_len).any(dim=1)  # [Hkv, Tk]: any head of the kv head's group
+    if bool(used_kv.all()):
+        return None
+    return (~used_kv.t())[None, :, :, None].to(device)  # [1, Tk, Hkv, 1]
+
+
+def zero_unattended_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
     spec: BandSpec,
     q_len: int,
-    kv_len: int,
     *,
     q_offset: int | None = None,
     head_offset: int = 0,
-    n_local_heads: int | None = None,
+    n_local_heads: int,
     cu_seqlens: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """``[H_local, Tk]`` bool: key ``j`` is attended by at least one query of head ``h``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, v)`` with the keys and values that no query of a kv head's group attends set to 0.
 
-    Computed from the distance intervals (no ``[H, Tq, Tk]`` tensor) and cached per shape;
-    equals ``spec.mask(...).any(dim=1)`` (per document with ``cu_seqlens``).
+    Block-sparse kernels (FlexAttention, FlashAttention-4) load whole key blocks and multiply
+    the zero weights of masked keys by V, so a NaN or Inf at a key nobody attends would reach
+    rows that never attend it. Returns the inputs themselves when every key is attended
+    (no copy); the per-geometry table is computed once on the CPU and cached.
     """
+    kv_len = k.shape[1]
     offset = kv_len - q_len if q_offset is None else q_offset
-    n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
     cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
-    dev = torch.device(device)
+    dev = k.device
     dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
-    return _attended_keys_cached(spec, q_len, kv_len, offset, head_offset, n_local, cu, dev_str)
+    unused = unattended_kv_table(spec, q_len, kv_len, offset, head_offset, n_local_heads, k.shape[2], cu, dev_str)
+    if unused is None:
+        return k, v
+    return k.masked_fill(unused, 0), v.masked_fill(unused, 0)
 
 
 def run_flex(
@@ -281,7 +301,7 @@ def flex_band_attention(
     """The ``"flex"`` backend: same arguments and result as ``band_attention``.
 
     Keys and values at positions that no query of a kv head's group attends are zeroed
-    first (:func:`attended_keys`): inside a partially masked block FlexAttention multiplies
+    first (:func:`zero_unattended_kv`): inside a partially masked block FlexAttention multiplies
     zero weights by V, so a NaN or Inf there would otherwise reach rows that never attend it.
     Raises ``ValueError`` for a CPU backward (not supported by torch's FlexAttention).
     """
@@ -295,13 +315,10 @@ def flex_band_attention(
         spec, q.shape[1], k.shape[1], q_offset=q_offset, head_offset=head_offset,
         n_local_heads=q.shape[2], cu_seqlens=cu_seqlens, device=q.device,
     )
-    used = attended_keys(
-        spec, q.shape[1], k.shape[1], q_offset=q_offset, head_offset=head_offset,
-        n_local_heads=q.shape[2], cu_seqlens=cu_seqlens, device=q.device,
-    )  # [H, Tk]
-    used_kv = used.view(k.shape[2], -1, k.shape[1]).any(dim=1)  # [Hkv, Tk]: any head of the group
-    unused = ~used_kv.t()[None, :, :, None]  # [1, Tk, Hkv, 1]
-    k, v = k.masked_fill(unused, 0), v.masked_fill(unused, 0)
+    k, v = zero_unattended_kv(
+        k, v, spec, q.shape[1], q_offset=q_offset, head_offset=head_offset, n_local_heads=q.shape[2],
+        cu_seqlens=cu_seqlens,
+    )
     return run_flex(q, k, v, block_mask, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
 
 

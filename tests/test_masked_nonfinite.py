@@ -131,3 +131,45 @@ def test_torch_backend_keeps_poison_to_the_rows_that_attend_it(case, pick):
     rows = attends[None, :, :, None].expand_as(out)  # [B, Tq, H, D]
     assert not torch.isfinite(out[rows]).any(), "a row that attends the poisoned key stayed finite"
     torch.testing.assert_close(out[~rows], clean[~rows], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize(
+    ("h", "h_kv", "partition", "tq", "tk", "head_offset", "n_local"),
+    [(8, 8, 256, 384, 384, 0, 8), (6, 2, 100, 77, 301, 0, 6), (8, 4, 0, 50, 130, 4, 4), (5, 5, 64, 1, 257, 1, 3)],
+)
+def test_unattended_kv_table_matches_the_mask(pattern, h, h_kv, partition, tq, tk, head_offset, n_local):
+    """The keys zeroed before block-sparse kernels are exactly those no query of a kv head's
+    group attends under ``BandSpec.mask`` (partition 0: dynamic)."""
+    from olmoe_spattn.bands import DYNAMIC
+    from olmoe_spattn.flex import unattended_kv_table
+
+    spec = BandSpec(pattern, h, partition or DYNAMIC)
+    n_kv = h_kv * n_local // h
+    table = unattended_kv_table(spec, tq, tk, tk - tq, head_offset, n_local, n_kv, None, "cpu")
+    used = spec.mask(tk, q_len=tq, head_offset=head_offset, n_local_heads=n_local).any(dim=1)  # [H, Tk]
+    want = ~used.view(n_kv, -1, tk).any(dim=1).t()  # [Tk, Hkv]
+    if table is None:
+        assert not want.any()
+    else:
+        assert table.shape == (1, tk, n_kv, 1)
+        assert torch.equal(table[0, :, :, 0], want)
+
+
+def test_unattended_kv_table_per_document():
+    from olmoe_spattn.flex import unattended_kv_table, zero_unattended_kv
+
+    spec = BandSpec("exclusive_bands", 4, 64)
+    cu = (0, 50, 51, 170)
+    tk = cu[-1]
+    table = unattended_kv_table(spec, tk, tk, 0, 0, 4, 2, cu, "cpu")[0, :, :, 0]  # [Tk, Hkv]
+    for a, b in zip(cu, cu[1:]):
+        used = spec.mask(b - a).any(dim=1).view(2, 2, b - a).any(dim=1)  # [Hkv, n]
+        assert torch.equal(table[a:b], ~used.t())
+    k = torch.randn(1, tk, 2, 8)
+    v = torch.randn(1, tk, 2, 8)
+    k2, v2 = zero_unattended_kv(k, v, spec, tk, n_local_heads=4, cu_seqlens=torch.tensor(cu))
+    assert torch.equal(k2[0][table], torch.zeros_like(k2[0][table])) and torch.equal(v2[0][~table], v[0][~table])
+    # every key attended: the inputs come back uncopied
+    dense = BandSpec("dense", 4, 64)
+    assert zero_unattended_kv(k, v, dense, tk, n_local_heads=4)[0] is k

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bands import DYNAMIC, BandSpec
+from ..flex import unattended_kv_table
 from ..validation import check_qkv
 from .blocks import band_aux_tensors, band_block_tables, block_size_for, canonical
 from .support import check_fa4, device_arch
@@ -37,6 +38,7 @@ class _Plan:
     aux: list | None = None
     fwd: object = None
     bwd: object = None
+    unused_kv: torch.Tensor | None = None  # [1, Tk, Hkv, 1] keys no query of the group attends
 
 
 def _spec(pattern: str, n_heads: int, partition_len: int) -> BandSpec:
@@ -71,7 +73,17 @@ def _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offs
         full_block_cnt=t.bwd_full_cnt, full_block_idx=t.bwd_full_idx, block_size=block,
     )
     mask_mod = band_mask_mod() if cu is None else document_band_mask_mod()
-    return _Plan(causal=False, mask_mod=mask_mod, aux=list(aux), fwd=fwd, bwd=bwd)
+    unused = unattended_kv_table(spec, tq, tk, q_offset, head_offset, h, k.shape[2], cu, str(q.device))
+    return _Plan(causal=False, mask_mod=mask_mod, aux=list(aux), fwd=fwd, bwd=bwd, unused_kv=unused)
+
+
+def _without_unattended(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V with the keys no query attends zeroed: FA4 multiplies their zero weights by V
+    inside partially masked blocks, so a NaN there would reach rows that never attend it
+    (and their gradients). The gradients of those keys are zero either way."""
+    if plan.unused_kv is None:
+        return k, v
+    return k.masked_fill(plan.unused_kv, 0), v.masked_fill(plan.unused_kv, 0)
 
 
 def _interface():
@@ -99,6 +111,7 @@ def fa4_band_attn(
     """
     q, k, v = canonical(q), canonical(k), canonical(v)
     plan = _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset)
+    k, v = _without_unattended(plan, k, v)
     out, lse = _interface()._flash_attn_fwd(
         q, k, v,
         softmax_scale=scale,
@@ -136,6 +149,7 @@ def fa4_band_attn_backward(
     """Gradients ``(dq, dk, dv)`` of :func:`fa4_band_attn`."""
     q, k, v, out, grad_out = (canonical(x) for x in (q, k, v, out, grad_out))
     plan = _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset)
+    k, v = _without_unattended(plan, k, v)
     dq, dk, dv = _interface()._flash_attn_bwd(
         q, k, v, out, grad_out, canonical(lse),
         softmax_scale=scale,

@@ -208,3 +208,39 @@ def test_bench_preflight_leaves_out_a_failing_variant():
     variants = F.parse_variants("tma,tma@24x16x4x1")
     failed = F.preflight(variants, F.parse_cases("1,2,40,16:exclusive_bands"), timeout_s=120.0, device="cpu")
     assert list(failed) == ["tma@24x16x4x1"], failed
+
+
+def _problem(extent: int, head_dim: int = 128):
+    from types import SimpleNamespace
+
+    block_d = 1 << max(head_dim - 1, 1).bit_length()
+    return SimpleNamespace(extent=extent, head_dim=head_dim, block_d=block_d)
+
+
+@pytest.mark.parametrize(
+    ("extent", "head_dim", "major", "want"),
+    [(256, 128, 9, {"tma", "flat"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"tma_bwd"}),
+     (65536, 128, 10, {"tma_bwd"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set())],
+)
+def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
+    """Unset (or ``auto``): narrow bands take tma+flat in the forward, wide ones tma_bwd in the
+    backward, on SM90+ only and for the measured head dims; ``none`` and an explicit list win."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    cuda = torch.device("cuda", 0)
+    p = _problem(extent, head_dim)
+    monkeypatch.delenv(ENV, raising=False)
+    assert launch.triton_features(p, cuda) == frozenset(want)
+    monkeypatch.setenv(ENV, "auto")
+    assert launch.triton_features(p, cuda) == frozenset(want)
+    monkeypatch.setenv(ENV, "none")
+    assert launch.triton_features(p, cuda) == frozenset()
+    monkeypatch.setenv(ENV, "tma_bwd")
+    assert launch.triton_features(p, cuda) == frozenset({"tma_bwd"})
+    monkeypatch.delenv(ENV)
+    assert launch.triton_features(p, torch.device("cpu")) == frozenset()
+
+
+def test_interpreter_runs_the_plain_kernels_by_default(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert launch.triton_features(_problem(64), torch.device("cuda", 0)) == frozenset()

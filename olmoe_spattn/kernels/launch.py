@@ -1,8 +1,12 @@
 """Host-side launchers: allocate outputs, pick configurations, launch the kernels.
 
-``OLMOE_SPATTN_TRITON_FEATURES`` (comma-separated, default empty) opts the kernels into
-Hopper-era features of plain Triton, for measurement (``bench sweep --variants``); without
-it the kernels compile exactly as before:
+Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (or with
+``auto``) they are chosen per call on SM90+ GPUs for head dims 64 and 128
+(:func:`auto_features`, measured on an H200 with ``bench sweep --variants``): ``tma`` and
+``flat`` in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances
+(1.1-1.5x forward there, 0.66-0.9x on wider bands), ``tma_bwd`` in the two-pass backward when
+it spans more (3-4% there, up to 6% slower on narrow bands). ``none`` (or an empty value)
+gives the plain kernels; a comma-separated list forces exactly those features:
 
 * ``tma``: the forward's Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
   ``[B * T, H * D]``); needs a power-of-two head dim >= 16, unit stride along D, heads packed
@@ -40,9 +44,28 @@ def _work_bucket(p: Problem) -> int:
 TRITON_FEATURES = ("tma", "tma_bwd", "flat", "ws")
 
 
-def triton_features() -> frozenset[str]:
-    """The features named by ``OLMOE_SPATTN_TRITON_FEATURES`` (empty: today's kernels)."""
-    raw = os.environ.get("OLMOE_SPATTN_TRITON_FEATURES", "")
+#: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
+AUTO_FLAT_MAX_EXTENT = 1024
+
+
+def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
+    """The features measured faster for this call: none off SM90+ CUDA, in the interpreter and
+    for head dims other than 64 and 128 (not measured)."""
+    if interpreting() or device.type != "cuda" or p.head_dim != p.block_d or p.block_d not in (64, 128):
+        return frozenset()
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return frozenset()
+    return frozenset({"tma", "flat"} if p.extent <= AUTO_FLAT_MAX_EXTENT else {"tma_bwd"})
+
+
+def triton_features(p: Problem | None = None, device: torch.device | None = None) -> frozenset[str]:
+    """The features of one call: ``OLMOE_SPATTN_TRITON_FEATURES`` when it names them, else
+    :func:`auto_features` (``p`` and ``device`` given) or none."""
+    raw = os.environ.get("OLMOE_SPATTN_TRITON_FEATURES")
+    if raw is None or raw.strip() == "auto":
+        return auto_features(p, device) if p is not None and device is not None else frozenset()
+    if raw.strip() == "none":
+        return frozenset()
     names = frozenset(x.strip() for x in raw.split(",") if x.strip())
     bad = sorted(names - set(TRITON_FEATURES))
     if bad:
@@ -125,7 +148,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
-    features = triton_features()
+    features = triton_features(p, q.device)
     extra = {}
     descriptors = None
     if "tma" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v)):
@@ -167,7 +190,7 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
     ]
     extra = {}
     descriptors = None
-    if "tma_bwd" in triton_features() and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
+    if "tma_bwd" in triton_features(p, q.device) and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
         extra = dict(USE_TMA=True)
 
         def descriptors(c):
@@ -213,7 +236,10 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
     ]
     extra = {}
     descriptors = None
-    if "tma_bwd" in triton_features() and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
+    features = triton_features(p, q.device)
+    if dq_acc is not None and os.environ.get("OLMOE_SPATTN_TRITON_FEATURES") in (None, "auto"):
+        features = frozenset()  # the one-pass backward with descriptor loads was not measured
+    if "tma_bwd" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
         extra = dict(USE_TMA=True)
 
         def descriptors(c):

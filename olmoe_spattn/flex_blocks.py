@@ -35,16 +35,17 @@ def document_interval_tables(
     """Per-document interval tables, int32 ``[n_docs, H_local, MAX_INTERVALS, 2]``.
 
     A dynamic partition length resolves to each document's length; a fixed one gives the
-    same table for every document.
+    same table for every document. An empty document gets empty intervals (it has no keys).
     """
-    return torch.stack(
-        [
-            spec.interval_tensor(
+    tables = []
+    for a, b in zip(bounds, bounds[1:]):
+        if spec.is_dynamic and b == a:  # no length to resolve the partition from, nothing to attend
+            tables.append(torch.zeros_like(spec.interval_tensor(1, head_offset=head_offset, n_local_heads=n_local_heads)))
+        else:
+            tables.append(spec.interval_tensor(
                 b - a if spec.is_dynamic else None, head_offset=head_offset, n_local_heads=n_local_heads
-            )
-            for a, b in zip(bounds, bounds[1:])
-        ]
-    )
+            ))
+    return torch.stack(tables)
 
 
 def _block_bounds(

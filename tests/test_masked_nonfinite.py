@@ -156,14 +156,19 @@ def test_unattended_kv_table_matches_the_mask(pattern, h, h_kv, partition, tq, t
         assert torch.equal(table[0, :, :, 0], want)
 
 
-def test_unattended_kv_table_per_document():
+@pytest.mark.parametrize("partition", [64, 0])
+def test_unattended_kv_table_per_document(partition):
+    """Per packed document, empty documents included (partition 0: dynamic, the document's length)."""
+    from olmoe_spattn.bands import DYNAMIC
     from olmoe_spattn.flex import unattended_kv_table, zero_unattended_kv
 
-    spec = BandSpec("exclusive_bands", 4, 64)
-    cu = (0, 50, 51, 170)
+    spec = BandSpec("exclusive_bands", 4, partition or DYNAMIC)
+    cu = (0, 50, 50, 51, 170)
     tk = cu[-1]
     table = unattended_kv_table(spec, tk, tk, 0, 0, 4, 2, cu, "cpu")[0, :, :, 0]  # [Tk, Hkv]
     for a, b in zip(cu, cu[1:]):
+        if b == a:
+            continue
         used = spec.mask(b - a).any(dim=1).view(2, 2, b - a).any(dim=1)  # [Hkv, n]
         assert torch.equal(table[a:b], ~used.t())
     k = torch.randn(1, tk, 2, 8)

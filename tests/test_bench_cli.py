@@ -160,3 +160,12 @@ def test_sweep_drives_every_kernel_kind_in_the_interpreter(monkeypatch):
     kinds = {line.split(" | ")[2] for line in lines[2:]}
     assert kinds == set(autotune._SPACE) - {"decode"}, lines
     assert all("inf" not in line and "Error" not in line for line in lines[2:]), lines
+
+
+@pytest.mark.parametrize("argv0", ["/usr/bin/olmoe-spattn", "/src/olmoe_spattn/__main__.py"])
+def test_recorded_command_line_keeps_options_and_drops_output_paths(argv0):
+    """Results record the command however it was started, without the machine's paths."""
+    from olmoe_spattn.bench.report import command_line
+
+    argv = [argv0, "bench", "table2", "--seq-lens", "4096,16384", "--out", "/tmp/t", "--out-dir=/x", "--fresh"]
+    assert command_line(argv, "table2") == "olmoe-spattn bench table2 --seq-lens 4096,16384 --fresh"

@@ -167,15 +167,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def command_line(argv: list[str]) -> str:
-    """The benchmark's command line as recorded in results: options only, no output folder
-    (a path on the machine that ran it)."""
-    words = argv[argv.index("kernel") + 1:] if "kernel" in argv else []
-    kept = [w for i, w in enumerate(words)
-            if not w.startswith("--out-dir") and (i == 0 or words[i - 1] != "--out-dir")]
-    return " ".join(["olmoe-spattn bench kernel", *kept])
-
-
 def _versions() -> dict[str, str | None]:
     import torch
 
@@ -250,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..dispatch import write as dispatch_write
     from .measure import run_shape
-    from .report import Row, gpu_slug, write_outputs
+    from .report import Row, command_line, gpu_slug, write_outputs
     from .timing import describe_error, warm_up_device
     from .variants import triton_status
 
@@ -282,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         "gpu": gpu,
         "device": device.type,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command_line(sys.argv),
+        "command": command_line(sys.argv, "kernel"),
         **_versions(),
         "settings": asdict(settings),
         "backends": backends,

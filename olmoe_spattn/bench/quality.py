@@ -300,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .paper_model import ModelShape, save_small_model
     from .quality_data import prepare_corpus
+    from .report import command_line
 
     _resolve(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
                             log=lambda m: print(m, flush=True))
     data = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "command": "olmoe-spattn " + " ".join(sys.argv[1:]),
+        "command": command_line(sys.argv, "quality"),
         "lr": args.lr,
         "backend": args.backend,
         "corpus": {k: v for k, v in corpus.description.items() if k != "fingerprint"},

@@ -47,6 +47,26 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def command_line(argv: list[str], subcommand: str, paths: tuple[str, ...] = ("--out", "--out-dir")) -> str:
+    """``olmoe-spattn bench <subcommand> [options]`` as recorded in results, however it was
+    started (console script or ``python -m olmoe_spattn``), without output-folder options (a
+    path on the machine that ran it)."""
+    words = argv[argv.index(subcommand) + 1:] if subcommand in argv else []
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w in paths:
+            skip = True
+            continue
+        if any(w.startswith(p + "=") for p in paths):
+            continue
+        kept.append(w)
+    return " ".join(["olmoe-spattn bench", subcommand, *kept])
+
+
 def gpu_slug(name: str) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (folder name for results;
     also the file stem of the GPU's ``auto`` dispatch table)."""

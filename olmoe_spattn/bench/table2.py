@@ -247,17 +247,12 @@ def measure_length(seq_len: int, batch: int, shape, variants: list[str], args, d
     return [rows[v] for v in variants]  # the model and optimizer are freed on return
 
 
-def _command_line() -> str:
-    return "olmoe-spattn " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("olmoe-spattn") \
-        else "olmoe-spattn bench table2 ..."
-
-
 def run(args: argparse.Namespace) -> int:
     """Measures every sequence length, writing results after each one."""
     import torch
 
     from .kernel import device_name
-    from .report import gpu_slug
+    from .report import command_line, gpu_slug
     from .table2_report import merge_rows, to_markdown
     from .timing import warm_up_device
 
@@ -273,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench table2: {json_path} holds another model shape; starting fresh", flush=True)
     data = {
         "device": device_name(device),
-        "command": _command_line(),
+        "command": command_line(sys.argv, "table2"),
         "shape": shape.to_dict(),
         "dtype": "bf16 autocast, fp32 weights, fused AdamW" if device.type == "cuda" else "fp32",
         "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,

@@ -282,7 +282,7 @@ class Driver:
         head = [
             f"# Two-GPU checks: {mode}",
             "",
-            f"Driver: `{shlex.join([sys.executable, 'benchmarks/two_gpus.py', *sys.argv[1:]])}`; "
+            f"Driver: `{shlex.join(['python', 'benchmarks/two_gpus.py', *sys.argv[1:]])}`; "
             f"NCCL env: {', '.join(f'{k}={v}' for k, v in SAFE_ENV.items())}; "
             f"OLMOE_SPATTN_AUTOTUNE={os.environ.get('OLMOE_SPATTN_AUTOTUNE', 'unset (on)')}.",
             f"Date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}. {_versions()}",

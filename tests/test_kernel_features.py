@@ -210,17 +210,18 @@ def test_bench_preflight_leaves_out_a_failing_variant():
     assert list(failed) == ["tma@24x16x4x1"], failed
 
 
-def _problem(extent: int, head_dim: int = 128):
+def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):
     from types import SimpleNamespace
 
     block_d = 1 << max(head_dim - 1, 1).bit_length()
-    return SimpleNamespace(extent=extent, head_dim=head_dim, block_d=block_d)
+    return SimpleNamespace(extent=extent, head_dim=head_dim, block_d=block_d, max_tk=max_tk)
 
 
 @pytest.mark.parametrize(
     ("extent", "head_dim", "major", "want"),
     [(256, 128, 9, {"tma", "flat"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"tma_bwd"}),
-     (65536, 128, 10, {"tma_bwd"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set())],
+     (65536, 128, 10, {"tma_bwd"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
+     (65536, 128, 9, {"tma_bwd"})],
 )
 def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
     """Unset (or ``auto``): narrow bands take tma+flat in the forward, wide ones tma_bwd in the
@@ -239,6 +240,15 @@ def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, m
     assert launch.triton_features(p, cuda) == frozenset({"tma_bwd"})
     monkeypatch.delenv(ENV)
     assert launch.triton_features(p, torch.device("cpu")) == frozenset()
+
+
+def test_automatic_choice_leaves_short_causal_attention_plain(monkeypatch):
+    """Dense (a band as wide as the sequence) at T <= 1024: neither flat masking nor backward TMA."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv(ENV, raising=False)
+    assert launch.triton_features(_problem(1024, max_tk=1024), torch.device("cuda", 0)) == frozenset()
+    assert launch.triton_features(_problem(512, max_tk=1024), torch.device("cuda", 0)) == {"tma", "flat"}
 
 
 def test_interpreter_runs_the_plain_kernels_by_default(monkeypatch):

@@ -3,8 +3,8 @@
 Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (or with
 ``auto``) they are chosen per call on SM90+ GPUs for head dims 64 and 128
 (:func:`auto_features`, measured on an H200 with ``bench sweep --variants``): ``tma`` and
-``flat`` in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances
-(1.1-1.5x forward there, 0.66-0.9x on wider bands), ``tma_bwd`` in the two-pass backward when
+``flat`` in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and
+less than the sequence (1.1-1.5x forward there, 0.64-0.9x on wider bands and dense), ``tma_bwd`` in the two-pass backward when
 it spans more (3-4% there, up to 6% slower on narrow bands). ``none`` (or an empty value)
 gives the plain kernels; a comma-separated list forces exactly those features:
 
@@ -55,7 +55,11 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
         return frozenset()
     if torch.cuda.get_device_capability(device)[0] < 9:
         return frozenset()
-    return frozenset({"tma", "flat"} if p.extent <= AUTO_FLAT_MAX_EXTENT else {"tma_bwd"})
+    if p.extent > AUTO_FLAT_MAX_EXTENT:
+        return frozenset({"tma_bwd"})
+    # a band as wide as the sequence is causal attention: mostly full tiles, where the
+    # branch-free masking loses (measured 0.64-0.71x forward on dense)
+    return frozenset({"tma", "flat"}) if p.extent < p.max_tk else frozenset()
 
 
 def triton_features(p: Problem | None = None, device: torch.device | None = None) -> frozenset[str]:

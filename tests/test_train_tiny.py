@@ -127,6 +127,7 @@ def test_torchrun_two_ranks_on_cpu_matches_one_process(uninterrupted, data_paral
         "train", "tiny",
         "--set", f"train.save_folder={tmp / data_parallel}",
         "--set", f"data.paths=[{tmp / 'tokens.npy'}]",
+        "--set", f"data.tokenizer.identifier={tmp / 'tokenizer'}",
         "--set", f"train.max_steps={STEPS}",
         "--set", "train.save_interval=100",
         "--set", "train.log_interval=1",

@@ -208,6 +208,8 @@ def test_bench_preflight_leaves_out_a_failing_variant():
     variants = F.parse_variants("tma,tma@24x16x4x1")
     failed = F.preflight(variants, F.parse_cases("1,2,40,16:exclusive_bands"), timeout_s=120.0, device="cpu")
     assert list(failed) == ["tma@24x16x4x1"], failed
+    reason = failed["tma@24x16x4x1"]
+    assert "Error" in reason and 'File "' not in reason, reason  # the error, not the machine's paths
 
 
 def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):

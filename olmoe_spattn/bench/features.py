@@ -169,7 +169,9 @@ def preflight(variants: list[Variant], cases: list[Case], timeout_s: float, devi
             failed[name] = f"preflight timed out after {timeout_s:.0f} s"
             continue
         if proc.returncode != 0:
-            tail = " / ".join(line for line in out.strip().splitlines()[-4:])
+            # the error lines, without the traceback's indented frames (paths of this machine)
+            errors = [line for line in out.strip().splitlines() if line.strip() and not line[0].isspace()]
+            tail = " / ".join(errors[-2:])
             failed[name] = f"exit {proc.returncode}: {tail[-600:]}"
     return failed
 

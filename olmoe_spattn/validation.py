@@ -60,6 +60,17 @@ def check_qkv(
             raise ValueError("with cu_seqlens, q and k must have the same (packed) length")
 
 
+def check_kernel_options(*, q_offset: object, scale: object, cu_seqlens: torch.Tensor | None) -> None:
+    """The kernel backends' checks of ``q_offset`` (a non-negative integer, none with packed
+    documents) and ``scale`` (positive), before ``q_offset`` is known against the key length."""
+    if cu_seqlens is not None and q_offset not in (None, 0):
+        raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")
+    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0):
+        raise ValueError(f"q_offset must be a non-negative integer, got {q_offset!r}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+
+
 def check_q_offset(q_offset: object, *, q_len: int, kv_len: int) -> None:
     """Queries sit at key positions ``q_offset .. q_offset + q_len - 1``: all must exist."""
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or not 0 <= q_offset <= kv_len - q_len:

@@ -24,7 +24,7 @@ import torch
 
 from ..bands import DYNAMIC, BandSpec
 from ..flex import unattended_kv_table
-from ..validation import check_qkv
+from ..validation import check_kernel_options, check_qkv
 from .blocks import band_aux_tensors, band_block_tables, block_size_for, canonical
 from .support import check_fa4, device_arch
 
@@ -222,12 +222,7 @@ def fa4_band_attention(
         check_qkv(q, k, v, spec, head_offset=head_offset)  # value checks would break the graph
     else:
         check_qkv(q, k, v, spec, head_offset=head_offset, cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None and q_offset not in (None, 0):
-        raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")
-    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0):
-        raise ValueError(f"q_offset must be a non-negative integer, got {q_offset!r}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    check_kernel_options(q_offset=q_offset, scale=scale, cu_seqlens=cu_seqlens)
     check_fa4(q)
     tq, tk = q.shape[1], k.shape[1]
     offset = 0 if cu_seqlens is not None else (tk - tq if q_offset is None else int(q_offset))

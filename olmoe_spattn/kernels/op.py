@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..bands import DYNAMIC, BandSpec
-from ..validation import check_qkv
+from ..validation import check_kernel_options, check_qkv
 from . import launch as _launch
 from .autotune import interpreting
 from .common import Problem
@@ -183,12 +183,7 @@ def _check_kernel_inputs(q, k, v, spec, head_offset, q_offset, cu_seqlens, scale
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
         )
-    if cu_seqlens is not None and q_offset not in (None, 0):
-        raise ValueError(f"q_offset={q_offset} cannot be combined with cu_seqlens")
-    if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0):
-        raise ValueError(f"q_offset must be a non-negative integer, got {q_offset!r}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    check_kernel_options(q_offset=q_offset, scale=scale, cu_seqlens=cu_seqlens)
 
 
 def triton_band_attention(

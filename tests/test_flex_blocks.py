@@ -25,6 +25,7 @@ LAYOUTS = [
     (BandSpec("spattention", 4, 64), 1, 70, 69, 0, 4, None, (16, 16)),  # decode row
     (BandSpec("exclusive_bands", 4, 32), 90, 90, 0, 0, 4, (0, 20, 21, 57, 90), (16, 16)),
     (BandSpec("spattention", 3, "dynamic"), 64, 64, 0, 0, 3, (0, 10, 40, 64), (8, 8)),
+    (BandSpec("exclusive_bands", 4, "dynamic"), 40, 40, 0, 0, 4, (0, 10, 10, 40), (8, 8)),  # empty document
 ]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .bands import MAX_INTERVALS, BandSpec
-from .flex_blocks import band_block_mask_from_intervals, document_bounds, document_interval_tables
+from .flex_blocks import band_block_mask_from_intervals, device_key, document_bounds, document_interval_tables
 from .validation import check_qkv
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -176,9 +176,7 @@ def band_block_mask(
     offset = kv_len - q_len if q_offset is None else q_offset
     n_local = spec.n_heads - head_offset if n_local_heads is None else n_local_heads
     cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
-    dev = torch.device(device)
-    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
-    return _cached_block_mask(spec, q_len, kv_len, offset, head_offset, n_local, cu, dev_str, block_size)
+    return _cached_block_mask(spec, q_len, kv_len, offset, head_offset, n_local, cu, device_key(device), block_size)
 
 
 @functools.cache
@@ -253,9 +251,9 @@ def zero_unattended_kv(
     kv_len = k.shape[1]
     offset = kv_len - q_len if q_offset is None else q_offset
     cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
-    dev = k.device
-    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
-    unused = unattended_kv_table(spec, q_len, kv_len, offset, head_offset, n_local_heads, k.shape[2], cu, dev_str)
+    unused = unattended_kv_table(
+        spec, q_len, kv_len, offset, head_offset, n_local_heads, k.shape[2], cu, device_key(k.device)
+    )
     if unused is None:
         return k, v
     return k.masked_fill(unused, 0), v.masked_fill(unused, 0)

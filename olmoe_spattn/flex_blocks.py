@@ -24,6 +24,12 @@ import torch
 from .bands import BandSpec
 
 
+def device_key(device: torch.device | str) -> str:
+    """A hashable cache key of ``device`` ("cpu", "cuda", "cuda:1")."""
+    dev = torch.device(device)
+    return f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
+
+
 def document_bounds(cu_seqlens: tuple[int, ...] | None, total: int) -> list[int]:
     """Boundaries ``[0, ..., total]`` of the packed documents (one document without ``cu_seqlens``)."""
     return [0, total] if cu_seqlens is None else list(cu_seqlens)

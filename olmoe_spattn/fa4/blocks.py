@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bands import MAX_INTERVALS, BandSpec
-from ..flex_blocks import band_block_classes, document_interval_tables, sparse_block_indices
+from ..flex_blocks import band_block_classes, device_key, document_interval_tables, sparse_block_indices
 
 #: slots per head in the interval table: lo0, hi0, lo1, hi1 (half-open distance ranges)
 SLOTS = 2 * MAX_INTERVALS
@@ -133,11 +133,9 @@ def band_block_tables(
     device: torch.device | str,
 ) -> BlockTables:
     """The (cached) FA4 block-sparse tables of ``spec`` for one geometry, built on ``device``."""
-    dev = torch.device(device)
-    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
     return _cached_tables(
         spec, q_len, kv_len, q_offset, head_offset, n_local_heads, dedupe_bounds(cu_seqlens),
-        tuple(block_size), dev_str,
+        tuple(block_size), device_key(device),
     )
 
 
@@ -188,9 +186,7 @@ def band_aux_tensors(
     and ``doc_of`` every position's document; padding positions belong to the extra,
     empty last row.
     """
-    dev = torch.device(device)
-    dev_str = f"{dev.type}:{dev.index}" if dev.index is not None else dev.type
-    return _cached_aux(spec, kv_len, q_offset, head_offset, n_local_heads, dedupe_bounds(cu_seqlens), dev_str)
+    return _cached_aux(spec, kv_len, q_offset, head_offset, n_local_heads, dedupe_bounds(cu_seqlens), device_key(device))
 
 
 def in_band(dist, lo0, hi0, lo1, hi1):

@@ -24,6 +24,7 @@ import torch
 
 from ..bands import DYNAMIC, BandSpec
 from ..flex import unattended_kv_table
+from ..flex_blocks import device_key
 from ..validation import check_kernel_options, check_qkv
 from .blocks import band_aux_tensors, band_block_tables, block_size_for, canonical
 from .support import check_fa4, device_arch
@@ -73,7 +74,7 @@ def _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offs
         full_block_cnt=t.bwd_full_cnt, full_block_idx=t.bwd_full_idx, block_size=block,
     )
     mask_mod = band_mask_mod() if cu is None else document_band_mask_mod()
-    unused = unattended_kv_table(spec, tq, tk, q_offset, head_offset, h, k.shape[2], cu, str(q.device))
+    unused = unattended_kv_table(spec, tq, tk, q_offset, head_offset, h, k.shape[2], cu, device_key(q.device))
     return _Plan(causal=False, mask_mod=mask_mod, aux=list(aux), fwd=fwd, bwd=bwd, unused_kv=unused)
 
 

@@ -240,7 +240,10 @@ def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, m
     assert launch.triton_features(p, cuda) == frozenset()
     monkeypatch.setenv(ENV, "tma_bwd")
     assert launch.triton_features(p, cuda) == frozenset({"tma_bwd"})
+    if "tma_bwd" in want:  # the one-pass backward keeps pointer loads unless they are forced
+        assert launch.triton_features(p, cuda, atomic_dq=True) == frozenset({"tma_bwd"})
     monkeypatch.delenv(ENV)
+    assert launch.triton_features(p, cuda, atomic_dq=True) == frozenset()
     assert launch.triton_features(p, torch.device("cpu")) == frozenset()
 
 

@@ -62,12 +62,17 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
     return frozenset({"tma", "flat"}) if p.extent < p.max_tk else frozenset()
 
 
-def triton_features(p: Problem | None = None, device: torch.device | None = None) -> frozenset[str]:
+def triton_features(
+    p: Problem | None = None, device: torch.device | None = None, *, atomic_dq: bool = False
+) -> frozenset[str]:
     """The features of one call: ``OLMOE_SPATTN_TRITON_FEATURES`` when it names them, else
-    :func:`auto_features` (``p`` and ``device`` given) or none."""
+    :func:`auto_features` (``p`` and ``device`` given) or none. ``atomic_dq``: the call is the
+    one-pass backward, which the automatic choice leaves without descriptor loads (not measured)."""
     raw = os.environ.get("OLMOE_SPATTN_TRITON_FEATURES")
     if raw is None or raw.strip() == "auto":
-        return auto_features(p, device) if p is not None and device is not None else frozenset()
+        if p is None or device is None or atomic_dq:
+            return frozenset()
+        return auto_features(p, device)
     if raw.strip() == "none":
         return frozenset()
     names = frozenset(x.strip() for x in raw.split(",") if x.strip())
@@ -240,9 +245,7 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
     ]
     extra = {}
     descriptors = None
-    features = triton_features(p, q.device)
-    if dq_acc is not None and os.environ.get("OLMOE_SPATTN_TRITON_FEATURES") in (None, "auto"):
-        features = frozenset()  # the one-pass backward with descriptor loads was not measured
+    features = triton_features(p, q.device, atomic_dq=dq_acc is not None)
     if "tma_bwd" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
         extra = dict(USE_TMA=True)
 

@@ -42,3 +42,37 @@ def test_large_head_dims_only_get_configs_that_fit():
     for kind in ("fwd", "dq", "dkdv"):
         for cfg in autotune.candidates(kind, 256, LaunchConfig(64, 32, 4, 2))[1:]:
             assert autotune._smem_bytes(kind, cfg, 256) <= 200 * 1024
+
+
+def test_a_candidate_out_of_shared_memory_is_dropped(fake_timer):
+    """A GPU with less shared memory than the sweeps' rejects some candidates at launch: the
+    tuner drops them instead of failing the call."""
+    import triton.runtime.errors
+
+    speeds, calls = fake_timer
+    default = LaunchConfig(64, 64, 4, 2)
+    cands = autotune.candidates("dq", 128, default)
+    too_big = cands[1]
+    for c in cands:
+        speeds[c] = 1.0
+    speeds[too_big] = 0.1  # would win, but cannot launch
+
+    def run(cfg):
+        if cfg == too_big:
+            raise triton.runtime.errors.OutOfResources(300 * 1024, 228 * 1024, "shared memory")
+        calls.append(cfg)
+
+    assert autotune.pick("dq", ("c",), default, 128, run) == default
+    assert too_big not in calls
+
+
+def test_hopper_takes_the_deeper_backward_pipelines_for_wide_bands(monkeypatch):
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
+    for major, dq, dkdv in [(9, (128, 64, 8, 3), (64, 128, 8, 3)), (8, (64, 64, 4, 2), (64, 128, 8, 2))]:
+        monkeypatch.setattr(autotune.torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert autotune.fixed_config("dq", 128, 4096) == LaunchConfig(*dq)
+        assert autotune.fixed_config("dkdv", 128, 4096) == LaunchConfig(*dkdv)
+        assert autotune.fixed_config("dkdvdq", 128, 4096) == LaunchConfig(64, 128, 8, 2)  # one pass: as before
+        assert autotune.fixed_config("dq", 128, 1024) == LaunchConfig(64, 64, 4, 2)  # narrow bands: unchanged
+        assert autotune.fixed_config("dq", 64, 4096) == LaunchConfig(64, 64, 4, 2)

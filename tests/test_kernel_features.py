@@ -30,7 +30,7 @@ def _count_descriptors(monkeypatch) -> list:
     real = launch.tma_descriptor
 
     def counting(x, rows, block_d):
-        made.append((tuple(x.shape), rows, block_d))
+        made.append((tuple(x.shape), rows, block_d, x.data_ptr()))
         return real(x, rows, block_d)
 
     monkeypatch.setattr(launch, "tma_descriptor", counting)
@@ -65,9 +65,10 @@ def test_variant_equals_default_and_oracle(case: Case, dtype, features, monkeypa
     assert_within_rule(f"out[{features}]", out, lowp_sdpa(case, q, k, v), ref, dtype)
 
 
+@pytest.mark.parametrize("features", ["tma_dq", "tma_bwd"])
 @pytest.mark.parametrize(("case", "dtype"), CASE_DTYPES, ids=lambda x: x.name if isinstance(x, Case) else str(x))
-def test_backward_descriptors_equal_default_and_oracle(case: Case, dtype, monkeypatch):
-    """``tma_bwd``: dQ (K, V through descriptors) and dK/dV (Q, dO through descriptors)."""
+def test_backward_descriptors_equal_default_and_oracle(case: Case, dtype, features, monkeypatch):
+    """``tma_dq``: dQ reads K, V through descriptors; ``tma_bwd``: also dK/dV (Q, dO)."""
     if DEVICE == "cuda":
         pytest.skip("compiled variants are checked in tests/gpu/test_kernel_features_gpu.py")
     q, k, v = case.tensors(dtype, device=DEVICE, requires_grad=True)
@@ -76,9 +77,11 @@ def test_backward_descriptors_equal_default_and_oracle(case: Case, dtype, monkey
     monkeypatch.delenv(ENV, raising=False)
     want = torch.autograd.grad(triton_band_attention(q, k, v, case.spec, **kw), (q, k, v), g)
     made = _count_descriptors(monkeypatch)
-    monkeypatch.setenv(ENV, "tma_bwd")
+    monkeypatch.setenv(ENV, features)
     got = torch.autograd.grad(triton_band_attention(q, k, v, case.spec, **kw), (q, k, v), g)
     assert bool(made) == (case.head_dim >= 16), made  # the backward has no decode path
+    streamed = {ptr for *_, ptr in made}
+    assert (q.data_ptr() in streamed) == (features == "tma_bwd" and case.head_dim >= 16), made
     for name, a, w in zip(("dq", "dk", "dv"), got, want):
         assert torch.equal(a, w), name
     check_heads(triton_band_attention, case.spec, q, k, v, lse=True, **kw)
@@ -221,13 +224,13 @@ def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):
 
 @pytest.mark.parametrize(
     ("extent", "head_dim", "major", "want"),
-    [(256, 128, 9, {"tma", "flat"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"tma_bwd"}),
-     (65536, 128, 10, {"tma_bwd"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
-     (65536, 128, 9, {"tma_bwd"})],
+    [(256, 128, 9, {"tma", "flat", "tma_dq"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"tma_dq"}),
+     (65536, 128, 10, {"tma_dq"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
+     (65536, 128, 9, {"tma_dq"}), (65536, 64, 9, set())],
 )
 def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
-    """Unset (or ``auto``): narrow bands take tma+flat in the forward, wide ones tma_bwd in the
-    backward, on SM90+ only and for the measured head dims; ``none`` and an explicit list win."""
+    """Unset (or ``auto``): narrow bands take tma+flat in the forward, head dim 128 takes tma_dq
+    in the backward, on SM90+ only and for the measured head dims; ``none`` and an explicit list win."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     cuda = torch.device("cuda", 0)
@@ -240,22 +243,44 @@ def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, m
     assert launch.triton_features(p, cuda) == frozenset()
     monkeypatch.setenv(ENV, "tma_bwd")
     assert launch.triton_features(p, cuda) == frozenset({"tma_bwd"})
-    if "tma_bwd" in want:  # the one-pass backward keeps pointer loads unless they are forced
+    if "tma_dq" in want:  # the one-pass backward keeps pointer loads unless they are forced
         assert launch.triton_features(p, cuda, atomic_dq=True) == frozenset({"tma_bwd"})
     monkeypatch.delenv(ENV)
     assert launch.triton_features(p, cuda, atomic_dq=True) == frozenset()
     assert launch.triton_features(p, torch.device("cpu")) == frozenset()
 
 
-def test_automatic_choice_leaves_short_causal_attention_plain(monkeypatch):
-    """Dense (a band as wide as the sequence) at T <= 1024: neither flat masking nor backward TMA."""
+def test_automatic_choice_for_short_causal_attention(monkeypatch):
+    """Dense (a band as wide as the sequence) at T <= 1024: no flat masking in the forward."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(ENV, raising=False)
-    assert launch.triton_features(_problem(1024, max_tk=1024), torch.device("cuda", 0)) == frozenset()
-    assert launch.triton_features(_problem(512, max_tk=1024), torch.device("cuda", 0)) == {"tma", "flat"}
+    cuda = torch.device("cuda", 0)
+    assert launch.triton_features(_problem(1024, head_dim=64, max_tk=1024), cuda) == frozenset()
+    assert launch.triton_features(_problem(512, head_dim=64, max_tk=1024), cuda) == {"tma", "flat"}
+    assert launch.triton_features(_problem(1024, max_tk=1024), cuda) == {"tma_dq"}
 
 
 def test_interpreter_runs_the_plain_kernels_by_default(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert launch.triton_features(_problem(64), torch.device("cuda", 0)) == frozenset()
+
+
+def test_reduce_add_keeps_atomic_adds_in_the_interpreter(monkeypatch):
+    """``tma_reduce`` (one-pass dQ by TMA reduce-add) has no interpreter counterpart: there the
+    one-pass backward keeps per-element atomic adds and gives the same gradients."""
+    if DEVICE == "cuda":
+        pytest.skip("the compiled reduce-add is checked in tests/gpu/test_kernel_features_gpu.py")
+    spec = BandSpec("spattention", 4, 24)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 37, 4, 16, generator=g).requires_grad_() for _ in range(3))  # [B, T, H, D]
+    go = torch.randn_like(q)
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "one_pass")
+    monkeypatch.delenv(ENV, raising=False)
+    want = torch.autograd.grad(triton_band_attention(q, k, v, spec), (q, k, v), go)
+    made = _count_descriptors(monkeypatch)
+    monkeypatch.setenv(ENV, "tma_reduce")
+    got = torch.autograd.grad(triton_band_attention(q, k, v, spec), (q, k, v), go)
+    assert made == []
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)

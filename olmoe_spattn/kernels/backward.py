@@ -196,6 +196,7 @@ def dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr = False,
+    TMA_REDUCE: tl.constexpr = False,
 ):
     n = tl.program_id(0)
     h_kv = tl.program_id(1)
@@ -226,9 +227,8 @@ def dkdv_kernel(
         h = h_kv * group + g
         lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
         c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
-        if USE_TMA:  # Q, dO: 2-D descriptors over [B * Tq (or total), H * D]
-            q_row0 = (b * tq + seq_start).to(tl.int32)
-        else:
+        q_row0 = (b * tq + seq_start).to(tl.int32)  # row of [B * Tq (or total), H * D] (descriptors)
+        if not USE_TMA:
             q_base = Q + b.to(tl.int64) * stride_qb + seq_start.to(tl.int64) * stride_qt + h * stride_qh
             do_base = DO + b.to(tl.int64) * stride_dob + seq_start.to(tl.int64) * stride_dot + h * stride_doh
         l_base = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start
@@ -270,8 +270,13 @@ def dkdv_kernel(
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
             if ATOMIC_DQ:  # this key tile's share of dQ, summed over key tiles in fp32
                 dq = tl.dot(tl.trans(dsT.to(k.dtype)), k_dq, input_precision=DOT_PRECISION) * sm_scale
-                dq_ptrs = DQAcc + b.to(tl.int64) * stride_qacc_b + (seq_start + rows) * stride_qacc_t
-                tl.atomic_add(dq_ptrs + h * stride_qacc_h + offs_d[None, :], dq, mask=qd_mask, sem="relaxed")
+                if TMA_REDUCE:  # one bulk reduction (TMA reduce-add) per tile instead of per-element atomics
+                    if mb * BLOCK_M + BLOCK_M > tq:  # rows past the end belong to the next sequence
+                        dq = tl.where(row_ok[:, None], dq, 0.0)
+                    DQAcc.atomic_add([q_row0 + mb * BLOCK_M, h * HEAD_DIM], dq)
+                else:
+                    dq_ptrs = DQAcc + b.to(tl.int64) * stride_qacc_b + (seq_start + rows) * stride_qacc_t
+                    tl.atomic_add(dq_ptrs + h * stride_qacc_h + offs_d[None, :], dq, mask=qd_mask, sem="relaxed")
 
     dk = dk * sm_scale
     tl.store(

@@ -1,20 +1,26 @@
 """Host-side launchers: allocate outputs, pick configurations, launch the kernels.
 
 Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (or with
-``auto``) they are chosen per call on SM90+ GPUs for head dims 64 and 128
-(:func:`auto_features`, measured on an H200 with ``bench sweep --variants``): ``tma`` and
-``flat`` in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and
-less than the sequence (1.1-1.5x forward there, 0.64-0.9x on wider bands and dense), ``tma_bwd`` in the two-pass backward when
-it spans more (3-4% there, up to 6% slower on narrow bands). ``none`` (or an empty value)
-gives the plain kernels; a comma-separated list forces exactly those features:
+``auto``) they are chosen per call on SM90+ GPUs (:func:`auto_features`, measured on an H200
+with ``bench sweep --variants`` and per-kernel sweeps, see ``NOTES.md``): ``tma`` and ``flat``
+in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and less
+than the sequence (head dims 64 and 128; 1.1-1.5x forward there, 0.64-0.9x on wider bands and
+dense), and ``tma_dq`` in the two-pass backward for head dim 128 (1.14-1.28x on the dQ kernel
+for every measured band width). ``none`` (or an empty value) gives the plain kernels; a
+comma-separated list forces exactly those features:
 
 * ``tma``: the forward's Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
   ``[B * T, H * D]``); needs a power-of-two head dim >= 16, unit stride along D, heads packed
   along a row (``stride_h == D``), batch rows packed (``stride_b == T * stride_t``) and
   16-byte aligned data and row strides; calls that do not qualify use pointer loads.
-* ``tma_bwd``: the same for the backward's streamed tiles: K and V in ``dq_kernel``, Q and
-  dO in ``dkdv_kernel`` (whose last query tile of a sequence zeroes the rows past its end,
-  as the masked pointer loads do).
+* ``tma_dq``: the same for the K and V tiles that ``dq_kernel`` streams.
+* ``tma_bwd``: ``tma_dq``, and Q and dO in ``dkdv_kernel`` (whose last query tile of a
+  sequence zeroes the rows past its end, as the masked pointer loads do; measured 2-16% slower
+  than pointer loads in that kernel, so the automatic choice leaves it out).
+* ``tma_reduce``: the one-pass backward (``OLMOE_SPATTN_BWD=one_pass``) adds each tile's dQ
+  share into the fp32 dQ buffer with one TMA bulk reduce-add (``cp.reduce.async.bulk.tensor``)
+  instead of per-element atomic adds (rows past a sequence's end add zeros). Triton's
+  interpreter has no descriptor reductions: there it keeps the atomic adds.
 * ``flat``: the forward's key loop masks every tile (no data-dependent branch in the loop body).
 * ``ws``: ``tl.range(..., warp_specialize=True)`` on the forward's key loop, and no early exit
   (Triton's Hopper warp specialization takes descriptor loads only and structured control
@@ -41,7 +47,7 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "tma_bwd", "flat", "ws")
+TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "ws")
 
 
 #: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
@@ -55,11 +61,13 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
         return frozenset()
     if torch.cuda.get_device_capability(device)[0] < 9:
         return frozenset()
-    if p.extent > AUTO_FLAT_MAX_EXTENT:
-        return frozenset({"tma_bwd"})
+    # dQ kernel: descriptor loads of K and V measured 1.14-1.28x at head dim 128 (64: not measured)
+    chosen = {"tma_dq"} if p.block_d == 128 else set()
     # a band as wide as the sequence is causal attention: mostly full tiles, where the
     # branch-free masking loses (measured 0.64-0.71x forward on dense)
-    return frozenset({"tma", "flat"}) if p.extent < p.max_tk else frozenset()
+    if p.extent <= AUTO_FLAT_MAX_EXTENT and p.extent < p.max_tk:
+        chosen |= {"tma", "flat"}
+    return frozenset(chosen)
 
 
 def triton_features(
@@ -199,7 +207,8 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
     ]
     extra = {}
     descriptors = None
-    if "tma_bwd" in triton_features(p, q.device) and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
+    features = triton_features(p, q.device)
+    if features & {"tma_dq", "tma_bwd"} and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
         extra = dict(USE_TMA=True)
 
         def descriptors(c):
@@ -244,13 +253,17 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     extra = {}
-    descriptors = None
     features = triton_features(p, q.device, atomic_dq=dq_acc is not None)
+    streamed = []  # (argument index, tensor): read or reduced through [BLOCK_M, D] descriptors
     if "tma_bwd" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
-        extra = dict(USE_TMA=True)
+        extra["USE_TMA"] = True
+        streamed += [(0, q), (3, do)]
+    if dq_acc is not None and "tma_reduce" in features and not interpreting() and tma_ok(dq_acc, p.head_dim, p.block_d):
+        extra["TMA_REDUCE"] = True
+        streamed.append((6, dq_acc))
 
-        def descriptors(c):
-            return {0: tma_descriptor(q, c.block_m, p.block_d), 3: tma_descriptor(do, c.block_m, p.block_d)}
+    def descriptors(c):
+        return {i: tma_descriptor(x, c.block_m, p.block_d) for i, x in streamed}
     _launch(
         "dkdv" if dq_acc is None else "dkdvdq", dkdv_kernel,
         lambda bm, bn: (triton.cdiv(p.max_tk, bn), p.n_kv_heads, p.z), p, args, descriptors,

@@ -19,7 +19,7 @@ from olmoe_spattn import BandSpec
 pytestmark = pytest.mark.gpu
 
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
-VARIANTS = [("", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,ws", None),
+VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,ws", None),
             ("tma,flat,ws", (64, 64, 4, 3))]
 
 
@@ -67,3 +67,26 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
     assert torch.isfinite(out).all()
     err = (out.float() - want.float()).abs().max().item()
     assert err <= (2e-2 if dtype == torch.bfloat16 else 4e-3), err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("features", ["", "tma_reduce", "tma_reduce,tma_bwd"], ids=lambda x: x or "pointer_atomics")
+def test_one_pass_backward_against_oracle(case, dtype, features, monkeypatch):
+    """The one-pass backward, with per-element atomic dQ adds or TMA bulk reduce-adds."""
+    from olmoe_spattn.kernels import launch, triton_band_attention
+
+    monkeypatch.setenv("OLMOE_SPATTN_AUTOTUNE", "0")
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "one_pass")
+    monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", features)
+    reduced = []
+    real_desc = launch.tma_descriptor
+    monkeypatch.setattr(
+        launch, "tma_descriptor", lambda x, *a: reduced.append(x.dtype == torch.float32) or real_desc(x, *a)
+    )
+    spec, (b, t, h, hkv, d), kw = CASES[case]
+    q, k, v = _inputs(b, t, h, hkv, d, dtype)
+    if "cu_seqlens" in kw:
+        kw = {"cu_seqlens": torch.tensor(kw["cu_seqlens"], device="cuda", dtype=torch.int32)}
+    check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
+    assert any(reduced) == ("tma_reduce" in features), "the dQ reduce-add descriptor was (not) made"

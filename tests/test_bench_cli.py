@@ -169,3 +169,32 @@ def test_recorded_command_line_keeps_options_and_drops_output_paths(argv0):
 
     argv = [argv0, "bench", "table2", "--seq-lens", "4096,16384", "--out", "/tmp/t", "--out-dir=/x", "--fresh"]
     assert command_line(argv, "table2") == "olmoe-spattn bench table2 --seq-lens 4096,16384 --fresh"
+
+
+def test_sweep_times_each_feature_value_and_restores_the_environment(monkeypatch):
+    """`bench sweep --features 'none;tma_dq'`: every kernel config under each value, rows
+    labelled with it, and the caller's OLMOE_SPATTN_TRITON_FEATURES back afterwards."""
+    import os
+
+    from olmoe_spattn.bench import modes
+    from olmoe_spattn.kernels import autotune
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it on CPU machines)")
+    seen = []
+    monkeypatch.setattr(
+        modes, "_bench", lambda fn, rep_ms: (seen.append(os.environ.get(modes.FEATURES_ENV)), fn(), 1.0)[2]
+    )
+    monkeypatch.setattr(autotune, "_SPACE", {kind: space[:1] for kind, space in autotune._SPACE.items()})
+    monkeypatch.setenv(modes.FEATURES_ENV, "flat")
+    lines = modes.sweep([(1, 2, 32, 16)], ["exclusive_bands"], 1.0, device="cpu", features=["none", "tma_dq"])
+    labels = [line.split(" | ")[3] for line in lines[2:]]
+    assert labels == ["none", "tma_dq"] * 4, lines
+    assert set(seen) == {"none", "tma_dq"}
+    assert os.environ[modes.FEATURES_ENV] == "flat"
+
+
+def test_sweep_rejects_an_unknown_feature_before_running(capsys):
+    assert main(["bench", "sweep", "--features", "none;tma_everything"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown ['tma_everything']; allowed: tma, tma_dq" in err, err

@@ -22,6 +22,8 @@ from pathlib import Path
 from ..bands import PATTERNS
 from .kernel import parse_shapes
 
+FEATURES_ENV = "OLMOE_SPATTN_TRITON_FEATURES"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the three modes (``decode`` and ``overhead`` use fixed shapes)."""
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sweep/decode: comma-separated patterns (allowed {','.join(PATTERNS)})")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench repetition time per case (ms)")
     parser.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    parser.add_argument("--features", default=None,
+                        help="sweep: ';'-separated OLMOE_SPATTN_TRITON_FEATURES values to time every config "
+                             "under, e.g. 'none;tma_dq;tma_bwd' (default: the environment's)")
     parser.add_argument("--variants", default=None,
                         help="sweep: compare kernel feature variants instead of configs, e.g. "
                              "'default,tma,tma+flat,tma+flat+ws@64x64x4x2' (features joined by '+', "
@@ -65,17 +70,20 @@ def _inputs(b: int, t: int, h: int, d: int, *, grad: bool = False, device: str =
     return tuple(torch.randn(b, t, h, d, **kw) for _ in range(3))  # q, k, v [B, T, H, D]
 
 
-def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda") -> list[str]:
-    """Per-kernel ms of every configuration in the tuned space, fastest first."""
+def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda",
+          features: list[str] | None = None) -> list[str]:
+    """Per-kernel ms of every configuration in the tuned space, fastest first; with
+    ``features``, once per ``OLMOE_SPATTN_TRITON_FEATURES`` value (rows labelled with it)."""
     import torch
 
     from ..bands import BandSpec
     from ..kernels import autotune, launch
     from ..kernels.op import _problem
 
-    lines = ["| B,H,T,D | pattern | kernel | config (block_m, block_n, warps, stages): ms, fastest first |",
-             "|---|---|---|---|"]
+    lines = ["| B,H,T,D | pattern | kernel | features | config (block_m, block_n, warps, stages): ms, fastest first |",
+             "|---|---|---|---|---|"]
     old = os.environ.get("OLMOE_SPATTN_AUTOTUNE")
+    old_features = os.environ.get(FEATURES_ENV)
     os.environ["OLMOE_SPATTN_AUTOTUNE"] = "0"
     real = launch.fixed_config
     try:
@@ -99,22 +107,30 @@ def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda") -> l
                 for kind, space in autotune._SPACE.items():
                     if kind not in calls:  # a kernel kind this sweep does not know how to call
                         continue
-                    res = []
-                    for cfg_t in space:
-                        cfg = autotune.LaunchConfig(*cfg_t)
-                        if autotune._smem_bytes(kind, cfg, p.block_d) > 200 * 1024:
-                            continue
-                        launch.fixed_config = lambda k_, dd, e, kind=kind, cfg=cfg: cfg if k_ == kind else real(k_, dd, e)
-                        try:
-                            res.append((_bench(calls[kind], rep_ms), str(cfg_t)))
-                        except Exception as exc:  # noqa: BLE001 - a config that does not fit is listed
-                            res.append((float("inf"), f"{cfg_t} {type(exc).__name__}"))
-                    launch.fixed_config = real
-                    cells = "  ".join(f"{c}: {ms:.3f}" for ms, c in sorted(res, key=lambda r: r[0]))
-                    lines.append(f"| {b},{h},{t},{d} | {spec.pattern} | {kind} | {cells} |")
-                    print(lines[-1], flush=True)
+                    for feats in features or [old_features or "auto"]:
+                        os.environ[FEATURES_ENV] = feats
+                        res = []
+                        for cfg_t in space:
+                            cfg = autotune.LaunchConfig(*cfg_t)
+                            if autotune._smem_bytes(kind, cfg, p.block_d) > 200 * 1024:
+                                continue
+                            launch.fixed_config = (
+                                lambda k_, dd, e, kind=kind, cfg=cfg: cfg if k_ == kind else real(k_, dd, e)
+                            )
+                            try:
+                                res.append((_bench(calls[kind], rep_ms), str(cfg_t)))
+                            except Exception as exc:  # noqa: BLE001 - a config that does not fit is listed
+                                res.append((float("inf"), f"{cfg_t} {type(exc).__name__}"))
+                        launch.fixed_config = real
+                        cells = "  ".join(f"{c}: {ms:.3f}" for ms, c in sorted(res, key=lambda r: r[0]))
+                        lines.append(f"| {b},{h},{t},{d} | {spec.pattern} | {kind} | {feats} | {cells} |")
+                        print(lines[-1], flush=True)
     finally:
         launch.fixed_config = real
+        if old_features is None:
+            os.environ.pop(FEATURES_ENV, None)
+        else:
+            os.environ[FEATURES_ENV] = old_features
         if old is None:
             os.environ.pop("OLMOE_SPATTN_AUTOTUNE", None)
         else:
@@ -199,6 +215,12 @@ def run(args: argparse.Namespace) -> int:
     """Runs the mode named by ``args.bench_kind`` and prints (and optionally writes) its table."""
     import torch
 
+    features = [x.strip() for x in args.features.split(";")] if args.features else None
+    for value in features or []:  # a bad name fails before anything runs
+        if value != "auto":
+            from ..kernels.launch import parse_features
+
+            parse_features(value)
     if not torch.cuda.is_available():
         raise ValueError(f"bench {args.bench_kind} times the Triton kernel and needs a CUDA GPU")
     patterns = [x for x in args.patterns.split(",") if x]
@@ -217,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         lines = run_variants(cases, variants, rep_ms=args.rep_ms, rounds=args.rounds,
                              budget_s=args.budget_s, json_path=args.json)
     elif args.bench_kind == "sweep":
-        lines = sweep(args.shapes, patterns, args.rep_ms)
+        lines = sweep(args.shapes, patterns, args.rep_ms, features=features)
     elif args.bench_kind == "decode":
         lines = decode(patterns, args.rep_ms)
     else:

@@ -81,6 +81,11 @@ def triton_features(
         if p is None or device is None or atomic_dq:
             return frozenset()
         return auto_features(p, device)
+    return parse_features(raw)
+
+
+def parse_features(raw: str) -> frozenset[str]:
+    """An ``OLMOE_SPATTN_TRITON_FEATURES`` value other than ``auto`` -> the features it names."""
     if raw.strip() == "none":
         return frozenset()
     names = frozenset(x.strip() for x in raw.split(",") if x.strip())

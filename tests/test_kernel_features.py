@@ -1,9 +1,8 @@
-"""Opt-in forward-kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, flat, ws).
+"""Opt-in kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, tma_dq, tma_bwd, tma_reduce, flat).
 
 On a CPU machine these run through Triton's interpreter, which executes TMA descriptor
-loads (host-side ``TensorDescriptor``) and ignores ``warp_specialize``; ``tma_bwd`` does the
-same for the backward kernels; the compiled
-warp-specialized code is covered by ``tests/gpu/test_kernel_features_gpu.py``. Every
+loads (host-side ``TensorDescriptor``); ``tma_dq`` and ``tma_bwd`` do the same for the backward
+kernels; the compiled code is covered by ``tests/gpu/test_kernel_features_gpu.py``. Every
 variant must give the default kernel's output and log-sum-exp (bit for bit here: the same
 arithmetic, only the loads and the masking of full tiles differ) and stay within the
 2x-of-low-precision rule of the float64 oracle.
@@ -21,7 +20,7 @@ from olmoe_spattn import BandSpec
 from olmoe_spattn.kernels import launch, triton_band_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = ["tma", "flat", "tma,flat,ws"]
+VARIANTS = ["tma", "flat", "tma,flat"]
 ENV = "OLMOE_SPATTN_TRITON_FEATURES"
 
 
@@ -87,7 +86,7 @@ def test_backward_descriptors_equal_default_and_oracle(case: Case, dtype, featur
     check_heads(triton_band_attention, case.spec, q, k, v, lse=True, **kw)
 
 
-@pytest.mark.parametrize("features", ["tma,tma_bwd", "tma,flat,ws,tma_bwd"])
+@pytest.mark.parametrize("features", ["tma,tma_bwd", "tma,flat,tma_dq"])
 def test_rows_past_a_sequence_end_stay_isolated(features, monkeypatch):
     """Through a 2-D descriptor, the rows after a sequence's last key are the next batch row's
     (or document's) keys: NaN there must not reach this sequence, exactly as without TMA."""
@@ -144,8 +143,7 @@ def test_non_packed_heads_fall_back_to_pointer_loads(monkeypatch):
     assert torch.equal(out, triton_band_attention(q, k, v, spec))
 
 
-@pytest.mark.parametrize(("value", "words"), [("tma,fast", "unknown ['fast']"), ("ws", "'ws' needs 'tma' and 'flat'"),
-                                              ("tma,ws", "'ws' needs")])
+@pytest.mark.parametrize(("value", "words"), [("tma,fast", "unknown ['fast']"), ("tma,ws", "unknown ['ws']")])
 def test_bad_feature_names_are_clear_errors(value, words, monkeypatch):
     monkeypatch.setenv(ENV, value)
     with pytest.raises(ValueError, match=ENV) as err:
@@ -164,10 +162,10 @@ def test_bench_variants_in_the_interpreter(tmp_path):
     reports its difference from the default and writes the JSON; a spent budget skips cases."""
     from olmoe_spattn.bench import features as F
 
-    variants = F.parse_variants("tma,tma+flat+ws@16x16x4x1")
-    assert [v.name for v in variants] == ["default", "tma", "tma+flat+ws@16x16x4x1"]
+    variants = F.parse_variants("tma,tma+flat+tma_dq@16x16x4x1")
+    assert [v.name for v in variants] == ["default", "tma", "tma+flat+tma_dq@16x16x4x1"]
     assert [v.name for v in F.parse_variants("tma,default")] == ["default", "tma"]
-    assert variants[2].features == ("tma", "flat", "ws") and variants[2].fwd_config == (16, 16, 4, 1)
+    assert variants[2].features == ("tma", "flat", "tma_dq") and variants[2].fwd_config == (16, 16, 4, 1)
     cases = F.parse_cases("1,2,40,16:exclusive_bands+dense;1,2,20,16")
     assert [c[1] for c in cases] == ["exclusive_bands", "dense", "exclusive_bands"]
     path = tmp_path / "variants.json"

@@ -2,14 +2,14 @@
 
 A *variant* is a set of ``OLMOE_SPATTN_TRITON_FEATURES`` names joined by ``+`` (``default``
 = none), optionally with a forward launch configuration ``@BMxBNxWARPSxSTAGES``, e.g.
-``tma+flat+ws@64x64x4x2``. Every case (shape and pattern) times all variants in one
+``tma+flat@64x64x4x3``. Every case (shape and pattern) times all variants in one
 process, interleaved in rounds (so clock drift hits all alike): the forward alone and the
 forward plus the two-pass backward, both through the raw launchers (no autograd, so small
 shapes stay GPU-bound), and records each variant's largest difference from the default's
 output. ``x default`` = default ms / variant ms (above 1: the variant is faster). Results go to the console as a Markdown table and, after every case, to a JSON file.
 
-Some feature combinations abort the process while compiling (an ``LLVM ERROR`` in Triton's
-warp specialization cannot be caught). Before timing, every non-default variant therefore
+A feature combination may abort the process while compiling (an ``LLVM ERROR`` inside
+Triton cannot be caught). Before timing, every non-default variant therefore
 runs once on small shapes with the same head dims and band buckets in its own subprocess
 (all in parallel); a variant whose subprocess fails is reported and left out.
 """
@@ -44,7 +44,7 @@ class Variant:
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """``"tma,default,tma+flat+ws@64x64x4x2"`` -> variants (``default`` first, added if missing)."""
+    """``"tma,default,tma+flat@64x64x4x3"`` -> variants (``default`` first, added if missing)."""
     from ..kernels.launch import TRITON_FEATURES
 
     out: list[Variant] = []

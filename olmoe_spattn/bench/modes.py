@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "under, e.g. 'none;tma_dq;tma_bwd' (default: the environment's)")
     parser.add_argument("--variants", default=None,
                         help="sweep: compare kernel feature variants instead of configs, e.g. "
-                             "'default,tma,tma+flat,tma+flat+ws@64x64x4x2' (features joined by '+', "
+                             "'default,tma,tma+flat,tma+flat@64x64x4x3' (features joined by '+', "
                              "optional forward config @BMxBNxWARPSxSTAGES)")
     parser.add_argument("--cases", default=None,
                         help="sweep --variants: ';'-separated B,H,T,D:pattern+pattern cases, timed in "

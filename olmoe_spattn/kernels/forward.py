@@ -48,7 +48,6 @@ def fwd_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
-    WARP_SPEC: tl.constexpr = False,
     FLAT_MASK: tl.constexpr = False,
 ):
     # ---------------------------------------------------------------- which tile
@@ -72,9 +71,8 @@ def fwd_kernel(
         tk = tk_arg
         q_off = q_off_arg
         tab = Table + h * 4
-    if not WARP_SPEC:  # warp specialization needs structured control flow: no early exit
-        if m * BLOCK_M >= tq:
-            return
+    if m * BLOCK_M >= tq:
+        return
     h_kv = h // group
     lo0, hi0, lo1, hi1 = load_intervals(tab)
 
@@ -96,8 +94,6 @@ def fwd_kernel(
         chunk = tl.cdiv(n_tot, n_split)
         t_lo = tl.minimum(split * chunk, n_tot)
         t_hi = tl.minimum(t_lo + chunk, n_tot)
-    if WARP_SPEC:  # a tile past this sequence's end: empty loop, every store masked off
-        t_hi = tl.where(m * BLOCK_M >= tq, t_lo, t_hi)
 
     if USE_TMA:
         # Q is a 2-D descriptor over [B * Tq (or total), H * D]; rows past the sequence's end
@@ -121,7 +117,7 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in tl.range(t_lo, t_hi, warp_specialize=WARP_SPEC):
+    for t in range(t_lo, t_hi):
         kb = tl.where(t < n0, a0 + t, a1 + (t - n0))
         j0 = kb * BLOCK_N
         cols = j0 + offs_n

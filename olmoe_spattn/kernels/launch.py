@@ -22,9 +22,9 @@ comma-separated list forces exactly those features:
   instead of per-element atomic adds (rows past a sequence's end add zeros). Triton's
   interpreter has no descriptor reductions: there it keeps the atomic adds.
 * ``flat``: the forward's key loop masks every tile (no data-dependent branch in the loop body).
-* ``ws``: ``tl.range(..., warp_specialize=True)`` on the forward's key loop, and no early exit
-  (Triton's Hopper warp specialization takes descriptor loads only and structured control
-  flow without branches in the loop: needs ``tma`` and ``flat``).
+
+Triton's automatic warp specialization of the forward's key loop was measured too (0.37-0.59x,
+and NaN at one launch config; ``NOTES.md``) and is not offered.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "ws")
+TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat")
 
 
 #: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
@@ -93,11 +93,6 @@ def parse_features(raw: str) -> frozenset[str]:
     if bad:
         raise ValueError(
             f"OLMOE_SPATTN_TRITON_FEATURES={raw!r}: unknown {bad}; allowed: {', '.join(TRITON_FEATURES)}"
-        )
-    if "ws" in names and not {"tma", "flat"} <= names:
-        raise ValueError(
-            f"OLMOE_SPATTN_TRITON_FEATURES={raw!r}: 'ws' needs 'tma' and 'flat' (Triton's Hopper warp "
-            "specialization takes descriptor loads only and a loop body without data-dependent branches)"
         )
     return names
 
@@ -174,7 +169,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
     extra = {}
     descriptors = None
     if "tma" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v)):
-        extra = dict(USE_TMA=True, WARP_SPEC="ws" in features)
+        extra = dict(USE_TMA=True)
 
         def descriptors(c):
             return {0: tma_descriptor(q, c.block_m, p.block_d), 1: tma_descriptor(k, c.block_n, p.block_d),

@@ -69,10 +69,15 @@ def test_a_candidate_out_of_shared_memory_is_dropped(fake_timer):
 def test_hopper_takes_the_deeper_backward_pipelines_for_wide_bands(monkeypatch):
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
     monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
-    for major, dq, dkdv in [(9, (128, 64, 8, 3), (64, 128, 8, 3)), (8, (64, 64, 4, 2), (64, 128, 8, 2))]:
+    cases = [  # (major, extent, dq, dkdv)
+        (9, 8192, (128, 64, 8, 3), (64, 128, 8, 3)),
+        (9, 2049, (64, 64, 4, 2), (32, 64, 4, 3)),
+        (8, 8192, (64, 64, 4, 2), (64, 128, 8, 2)),
+        (8, 2049, (64, 64, 4, 2), (64, 128, 8, 2)),
+    ]
+    for major, extent, dq, dkdv in cases:
         monkeypatch.setattr(autotune.torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
-        assert autotune.fixed_config("dq", 128, 4096) == LaunchConfig(*dq)
-        assert autotune.fixed_config("dkdv", 128, 4096) == LaunchConfig(*dkdv)
-        assert autotune.fixed_config("dkdvdq", 128, 4096) == LaunchConfig(64, 128, 8, 2)  # one pass: as before
-        assert autotune.fixed_config("dq", 128, 1024) == LaunchConfig(64, 64, 4, 2)  # narrow bands: unchanged
-        assert autotune.fixed_config("dq", 64, 4096) == LaunchConfig(64, 64, 4, 2)
+        assert autotune.fixed_config("dq", 128, extent) == LaunchConfig(*dq), (major, extent)
+        assert autotune.fixed_config("dkdv", 128, extent) == LaunchConfig(*dkdv), (major, extent)
+        assert autotune.fixed_config("dkdvdq", 128, extent) == LaunchConfig(64, 128, 8, 2)  # one pass: as before
+        assert autotune.fixed_config("dq", 64, extent) == LaunchConfig(64, 64, 4, 2)  # head dim 64: as before

@@ -65,9 +65,11 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode.
 
-    Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`); for wide bands
-    at head dim 128 the backward's deeper pipelines come from per-kernel sweeps on an H200
-    (dQ 1.12-1.25x, dK/dV 1.03-1.04x there) and are used on SM90+ only (they need its shared memory).
+    Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`). The backward at
+    head dim 128 on SM90+ follows per-kernel sweeps on an H200 (`bench sweep --features`,
+    ``NOTES.md``): bands wider than 4096 distances take deeper pipelines (dQ 1.10x on dense with
+    TMA loads, dK/dV 1.02-1.04x), narrower ones the small dK/dV tiles (1.09-1.14x at 2049
+    distances); the deep ones need Hopper's shared memory.
     """
     if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
         return LaunchConfig(16, 16, 4, 1)
@@ -81,12 +83,12 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)
         return LaunchConfig(64, 64, 4, 2)
-    hopper_wide = bucket == 2 and block_d == 128 and cuda_major() >= 9
+    hopper = block_d == 128 and cuda_major() >= 9
     if kind == "dq":
-        return LaunchConfig(128, 64, 8, 3) if hopper_wide else LaunchConfig(64, 64, 4, 2)
+        return LaunchConfig(128, 64, 8, 3) if hopper and extent > 4096 else LaunchConfig(64, 64, 4, 2)
     if kind in ("dkdv", "dkdvdq"):  # block_m = query step, block_n = keys per program
-        if kind == "dkdv" and hopper_wide:
-            return LaunchConfig(64, 128, 8, 3)
+        if kind == "dkdv" and hopper:
+            return LaunchConfig(64, 128, 8, 3) if extent > 4096 else LaunchConfig(32, 64, 4, 3)
         if bucket == 2 and block_d > 64:
             return LaunchConfig(64, 128, 8, 2)
         return LaunchConfig(32, 64, 4, 3)

@@ -18,7 +18,7 @@ and table2.png to --out (default benchmarks/results/<gpu>/table2); results of ot
 lengths already in table2.json are kept, so lengths can be measured in separate runs. Every
 row also gets the share of causal (query, key) pairs its method's mask allows (averaged over
 heads; computed from the masks, not timed), the attention work behind its tokens/s.
---render FILE re-renders a saved table2.json (the Markdown, the chart and the derived columns)
+--render JSON re-renders a saved table2.json (the Markdown, the chart and the derived columns)
 without measuring anything; it needs no GPU.
 
 Examples:

@@ -224,7 +224,7 @@ def plot(data: dict, path: str | Path) -> Path:
                "spattention": "#2b6cb0", "exclusive_bands": "#4a9bd9", "sliding_window": "#7fb8e6",
                "gapped_bands": "#a9cdee"}
     n_max = max(sum(1 for r in rows if int(r["seq_len"]) == n) for n in lengths)
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 0.32 * n_max + 1.4),
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.4 * len(lengths), 0.32 * n_max + 1.4),
                              squeeze=False, sharey=False)
     for ax, seq_len in zip(axes[0], lengths):
         group = [r for r in rows if int(r["seq_len"]) == seq_len][::-1]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bands import MAX_INTERVALS, BandSpec
+from .bands import MAX_INTERVALS, PATTERNS, BandSpec
 from .flex_blocks import band_block_mask_from_intervals, device_key, document_bounds, document_interval_tables
 from .validation import check_qkv
 
@@ -69,6 +69,40 @@ def band_mask_mod(
 BASELINES: tuple[str, ...] = ("longformer", "bigbird", "reformer")
 _BIGBIRD_BLOCK = 64
 _REFORMER_BUCKET = 64
+_REFORMER_PRIME = 1_000_003
+
+
+def _check_baseline(name: str, seq_len: int) -> None:
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+
+
+# The geometry of each baseline, shared by its mask_mod and by baseline_covered_pairs.
+def _longformer_sizes(seq_len: int) -> tuple[int, int]:
+    """(local window, number of global keys) of ``longformer`` at context ``seq_len``."""
+    return min(256, seq_len // 4), min(16, seq_len // 32)
+
+
+def _bigbird_sizes(seq_len: int) -> tuple[int, int]:
+    """(local window, number of global keys) of ``bigbird`` at context ``seq_len``."""
+    return min(128, seq_len // 8), max(1, min(8, seq_len // 128))
+
+
+def _bigbird_link(q_block, kv_block, h):
+    """``bigbird``'s strided random-like links: query block ``q_block`` sees key block ``kv_block``."""
+    return (31 * q_block + 17 * kv_block + 13 * h) % 7 == 0
+
+
+def _reformer_n_buckets(seq_len: int) -> int:
+    return max(2, seq_len // _REFORMER_BUCKET)
+
+
+def _reformer_bucket(pos, h, n_buckets: int):
+    """``reformer``'s bucket of position ``pos`` in head ``h`` (a multiplicative hash per head)."""
+    mult = 2654435761 % _REFORMER_PRIME + 2 * h
+    return ((pos * mult) % _REFORMER_PRIME) % n_buckets
 
 
 def baseline_mask_mod(name: str, seq_len: int) -> MaskMod:
@@ -85,12 +119,9 @@ def baseline_mask_mod(name: str, seq_len: int) -> MaskMod:
     These are fixed, content-independent re-creations of the baselines' sparsity for
     the throughput and quality comparisons; they are never the training path.
     """
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    _check_baseline(name, seq_len)
     if name == "longformer":
-        window, n_global = min(256, seq_len // 4), min(16, seq_len // 32)
+        window, n_global = _longformer_sizes(seq_len)
 
         def longformer(b, h, q_idx, kv_idx):
             dist = q_idx - kv_idx
@@ -98,24 +129,87 @@ def baseline_mask_mod(name: str, seq_len: int) -> MaskMod:
 
         return longformer
     if name == "bigbird":
-        window, n_global = min(128, seq_len // 8), max(1, min(8, seq_len // 128))
+        window, n_global = _bigbird_sizes(seq_len)
 
         def bigbird(b, h, q_idx, kv_idx):
             dist = q_idx - kv_idx
-            qb, kb = q_idx // _BIGBIRD_BLOCK, kv_idx // _BIGBIRD_BLOCK
-            random_link = (31 * qb + 17 * kb + 13 * h) % 7 == 0
+            random_link = _bigbird_link(q_idx // _BIGBIRD_BLOCK, kv_idx // _BIGBIRD_BLOCK, h)
             return (dist >= 0) & ((dist < window) | (kv_idx < n_global) | random_link)
 
         return bigbird
-    n_buckets = max(2, seq_len // _REFORMER_BUCKET)
+    n_buckets = _reformer_n_buckets(seq_len)
 
     def reformer(b, h, q_idx, kv_idx):
         dist = q_idx - kv_idx
-        mult = 2654435761 % 1_000_003 + 2 * h
-        same = ((q_idx * mult) % 1_000_003) % n_buckets == ((kv_idx * mult) % 1_000_003) % n_buckets
+        same = _reformer_bucket(q_idx, h, n_buckets) == _reformer_bucket(kv_idx, h, n_buckets)
         return (dist >= 0) & (same | (dist == 0))
 
     return reformer
+
+
+def _window_global_pairs(seq_len: int, window: int, n_global: int) -> int:
+    """Causal pairs with ``dist < window`` or ``key < n_global`` (the same for every head)."""
+    i = torch.arange(seq_len, dtype=torch.int64)  # query positions
+    local = torch.clamp(i + 1, max=window)  # keys i - window + 1 .. i
+    # global keys outside the window: j < n_global and j <= i - window
+    far_global = torch.clamp(torch.clamp(i - window + 1, max=n_global), min=0)
+    return int((local + far_global).sum())
+
+
+def _bigbird_link_pairs(seq_len: int, n_heads: int, window: int, n_global: int) -> torch.Tensor:
+    """Per head, the causal pairs that only ``bigbird``'s random links allow (beyond the
+    window and the global keys): int64 ``[n_heads]``."""
+    n_blocks = -(-seq_len // _BIGBIRD_BLOCK)
+    i = torch.arange(seq_len, dtype=torch.int64)[:, None]  # [N, 1] query positions
+    kb = torch.arange(n_blocks, dtype=torch.int64)[None, :]  # [1, nb] key blocks
+    k_lo = torch.clamp(kb * _BIGBIRD_BLOCK, min=n_global)  # first key that is not global
+    k_hi = torch.clamp(i - window + 1, max=torch.clamp((kb + 1) * _BIGBIRD_BLOCK, max=seq_len))
+    per_query = torch.clamp(k_hi - k_lo, min=0)  # [N, nb]: keys of block kb beyond the window
+    per_block = torch.zeros(n_blocks, n_blocks, dtype=torch.int64)
+    per_block.index_add_(0, i[:, 0] // _BIGBIRD_BLOCK, per_query)  # [nb, nb] summed per query block
+    h = torch.arange(n_heads, dtype=torch.int64)[:, None, None]
+    qb = torch.arange(n_blocks, dtype=torch.int64)[None, :, None]
+    linked = _bigbird_link(qb, kb[None], h)  # [H, nb, nb]
+    return (linked * per_block).sum(dim=(1, 2))
+
+
+def baseline_covered_pairs(name: str, n_heads: int, seq_len: int) -> list[int]:
+    """Number of (query, key) pairs each head of a Table 2 baseline allows over ``seq_len``
+    tokens (the same pairs as :func:`baseline_mask_mod`, counted in ``O(N^2 / 64)`` time
+    instead of evaluating all ``N^2`` cells; tests check the counts against the mask)."""
+    _check_baseline(name, seq_len)
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
+    if name == "longformer":
+        return [_window_global_pairs(seq_len, *_longformer_sizes(seq_len))] * n_heads
+    if name == "bigbird":
+        window, n_global = _bigbird_sizes(seq_len)
+        local = _window_global_pairs(seq_len, window, n_global)
+        return [local + int(x) for x in _bigbird_link_pairs(seq_len, n_heads, window, n_global)]
+    n_buckets = _reformer_n_buckets(seq_len)
+    pos = torch.arange(seq_len, dtype=torch.int64)
+    counts = []
+    for h in range(n_heads):
+        size = torch.bincount(_reformer_bucket(pos, h, n_buckets), minlength=n_buckets)  # [n_buckets]
+        counts.append(int((size * (size + 1) // 2).sum()))  # causal pairs inside each bucket, self included
+    return counts
+
+
+def causal_pair_fraction(method: str, n_heads: int, seq_len: int) -> float:
+    """Fraction of the ``N (N + 1) / 2`` causal (query, key) pairs that ``method`` allows,
+    averaged over ``n_heads`` heads: a measure of the attention work it does.
+
+    ``method`` is a band pattern (:data:`~olmoe_spattn.bands.PATTERNS`, ``"dense"``
+    included; partition length ``seq_len``, as the benchmarks run it) or a Table 2
+    baseline (:data:`BASELINES`).
+    """
+    if method in BASELINES:
+        pairs = baseline_covered_pairs(method, n_heads, seq_len)
+    elif method in PATTERNS:
+        pairs = BandSpec(method, n_heads, seq_len).covered_pairs(seq_len)
+    else:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(PATTERNS + BASELINES)}")
+    return sum(pairs) / (n_heads * seq_len * (seq_len + 1) / 2)
 
 
 def dense_mask_from_mod(mask_mod: MaskMod, n_heads: int, q_len: int, kv_len: int) -> torch.Tensor:

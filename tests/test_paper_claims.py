@@ -55,8 +55,9 @@ def test_markdown_has_the_papers_rows_and_notes(tmp_path):
     data = {"device": "test", "shape": {"d_model": 1024, "n_layers": 8, "n_heads": 8, "vocab_size": 50304},
             "rows": _rows(), "rounds": 3, "steps": 5, "command": "x"}
     md = t2.to_markdown(data)
-    assert "| SPAttention | ours (Triton) | 3,000 | 3.0% | 1.50 | 3.00 | 6,167 | 1.92 |" in md
-    assert "| Standard | FlexAttention | 1,000 | 5.0% | 0.50 | 1.00 | 3,214 | 1.00 |" in md
+    assert "| SPAttention | ours (Triton) | - | 3,000 | 3.0% | 1.50 | 3.00 | 6,167 | 1.92 |" in md
+    assert "| Standard | FlexAttention | - | 1,000 | 5.0% | 0.50 | 1.00 | 3,214 | 1.00 |" in md
+    assert "pairs allowed" not in md  # rows without fractions: no work sentence
     assert "- `spattention@fa4` unavailable: no fa4 here" in md
     assert "## seq 4096 (batch 4)" in md
     assert "fastest row `spattention@triton`" in md
@@ -65,6 +66,62 @@ def test_markdown_has_the_papers_rows_and_notes(tmp_path):
     assert md.index("| Standard | SDPA cuDNN") < md.index("| Longformer") < md.index("| SPAttention | ours")
     path = t2.plot(data, tmp_path / "t2.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_shows_the_causal_pair_fractions_and_names_them_in_the_verdict():
+    fractions = {"dense": 1.0, "longformer": 0.461, "spattention": 0.331, "exclusive_bands": 0.125,
+                 "gapped_bands": 0.0664}
+    rows = _rows() + [{"seq_len": 4096, "batch": 4, "variant": v, "status": "ok", "tokens_per_s": tps, "spread": 0.1}
+                      for v, tps in (("spattention@fa4", 1000.0), ("longformer@flex", 1100.0),
+                                     ("gapped_bands@triton", 1300.0))]
+    for r in rows:
+        r["causal_pair_fraction"] = fractions[t2.parse_variant(r["variant"])[0]]
+    data = {"device": "test", "shape": {"d_model": 1024, "n_layers": 8, "n_heads": 8, "vocab_size": 50304},
+            "rows": rows, "rounds": 3, "steps": 5, "command": "x"}
+    md = t2.to_markdown(data)
+    assert "| Method | implementation | causal pairs | tokens/s |" in md
+    assert "| SPAttention | ours (Triton) | 33.1% | 3,000 | 3.0% |" in md
+    assert "| SPAttention | FlashAttention-4 block-sparse | 33.1% | unavailable |" in md  # same for every impl
+    assert "| Standard | SDPA cuDNN | 100.0% | 2,000 |" in md
+    # at 1024 spattention is the fastest row; at 4096 gapped bands are
+    assert "Causal (query, key) pairs allowed: SPAttention 33.1% (the fastest row), Longformer 46.1%." in md
+    assert ("Causal (query, key) pairs allowed: SPAttention 33.1%, the fastest row `gapped_bands@triton` 6.6%, "
+            "Longformer 46.1%.") in md
+    assert t2.fmt_fraction(0.00397) == "0.40%" and t2.fmt_fraction(None) == "-"
+
+
+def test_every_implementation_of_a_method_gets_the_methods_pair_fraction():
+    from olmoe_spattn.bench.table2 import add_pair_fractions
+    from olmoe_spattn.flex import causal_pair_fraction
+
+    rows = add_pair_fractions(_rows(), 8)
+    for r in rows:
+        method = t2.parse_variant(r["variant"])[0]
+        assert r["causal_pair_fraction"] == causal_pair_fraction(method, 8, r["seq_len"])
+    sp = [r["causal_pair_fraction"] for r in rows if r["variant"].startswith("spattention@")]
+    assert len(sp) == 2 and sp[0] == sp[1]
+
+
+def test_bench_table2_render_rewrites_a_saved_result_without_measuring(tmp_path, capsys):
+    from olmoe_spattn.flex import causal_pair_fraction
+
+    saved = {"device": "test", "command": "olmoe-spattn bench table2 --seq-lens 1024,4096",
+             "shape": {"d_model": 1024, "n_layers": 8, "n_heads": 8, "vocab_size": 50304},
+             "rows": _rows(), "rounds": 3, "steps": 5}
+    path = tmp_path / "table2.json"
+    path.write_text(json.dumps(saved))
+    assert main(["bench", "table2", "--render", str(path)]) == 0  # in place, no GPU, no model
+    data = json.loads(path.read_text())
+    assert data["command"] == saved["command"] and "--render table2.json" in data["rendered"]
+    for old, new in zip(saved["rows"], data["rows"]):
+        assert {k: new[k] for k in old} == old  # measured values unchanged
+        assert new["causal_pair_fraction"] == causal_pair_fraction(t2.parse_variant(old["variant"])[0], 8,
+                                                                   old["seq_len"])
+    md = (tmp_path / "table2.md").read_text()
+    assert "| causal pairs |" in md and "Rendered again from the saved JSON" in md
+    assert (tmp_path / "table2.png").is_file()
+    assert main(["bench", "table2", "--render", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json is not a file" in capsys.readouterr().err
 
 
 def test_merge_keeps_other_lengths_and_replaces_rerun_rows():
@@ -93,6 +150,8 @@ def test_bench_table2_tiny_cpu_run_writes_results(tmp_path):
     assert rows["dense@flex"]["status"] == "unavailable"  # no CPU backward in Flex
     assert data["shape"] == {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 512}
     assert (tmp_path / "table2.png").is_file() and "## seq 64 (batch 2)" in (tmp_path / "table2.md").read_text()
+    assert rows["exclusive_bands@torch"]["causal_pair_fraction"] == 1 / 4  # 4 heads share the pairs
+    assert rows["dense@flex"]["causal_pair_fraction"] == 1.0  # unavailable rows get it too
 
 
 def test_bench_table2_rejects_bad_values(capsys):

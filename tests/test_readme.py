@@ -52,6 +52,34 @@ def test_pair_fractions_in_the_introduction():
         assert f"`{pattern}` {share:.{digits}f}%" in " ".join(README.split()), (pattern, share)
 
 
+def test_table2_pair_fractions_are_computed_and_the_faster_rows_do_less_work():
+    """The Table 2 paragraph's causal pair fractions (8 heads) and its claim that at 4096 and
+    16384 every row faster than spattention allows fewer pairs (from the recorded results)."""
+    import json
+
+    from olmoe_spattn.flex import causal_pair_fraction
+
+    text = " ".join(README.split())
+    lengths = (1024, 4096, 16384)
+    quoted = {
+        "spattention": "spattention allows {} / {} / {}",
+        "longformer": "Longformer {} / {} / {};",
+    }
+    for method, template in quoted.items():
+        shares = [f"{100 * causal_pair_fraction(method, 8, n):.1f}%" for n in lengths]
+        assert template.format(*shares) in text, (method, shares)
+    for method, words in (("exclusive_bands", "exclusive_bands {} at each length"), ("gapped_bands", "gapped_bands {} and")):
+        shares = {f"{100 * causal_pair_fraction(method, 8, n):.1f}%" for n in lengths}
+        assert len(shares) == 1 and words.format(shares.pop()) in text, method
+    data = json.loads((REPO / "benchmarks/results/nvidia-h200/table2/table2.json").read_text())
+    assert data["shape"]["n_heads"] == 8
+    for n in (4096, 16384):
+        ok = [r for r in data["rows"] if r["seq_len"] == n and r["status"] == "ok"]
+        sp = max((r for r in ok if r["variant"].startswith("spattention@")), key=lambda r: r["tokens_per_s"])
+        faster = [r for r in ok if r["tokens_per_s"] > sp["tokens_per_s"]]
+        assert faster and all(r["causal_pair_fraction"] < sp["causal_pair_fraction"] for r in faster), n
+
+
 def test_performance_table_is_the_recorded_summary():
     perf = _section("Performance")
     path = re.search(r"`(benchmarks/results/[^`]+/kernel_bench\.md)`", perf).group(1)

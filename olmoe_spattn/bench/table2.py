@@ -15,11 +15,16 @@ All variants run in one process on one model (same weights) and the same batch, 
 interleaved rounds; a variant that cannot run here is listed as unavailable with the reason.
 Writes table2.json, table2.md (the paper's numbers beside ours, ratios to dense for both)
 and table2.png to --out (default benchmarks/results/<gpu>/table2); results of other sequence
-lengths already in table2.json are kept, so lengths can be measured in separate runs.
+lengths already in table2.json are kept, so lengths can be measured in separate runs. Every
+row also gets the share of causal (query, key) pairs its method's mask allows (averaged over
+heads; computed from the masks, not timed), the attention work behind its tokens/s.
+--render JSON re-renders a saved table2.json (the Markdown, the chart and the derived columns)
+without measuring anything; it needs no GPU.
 
 Examples:
   olmoe-spattn bench table2 --seq-lens 1024,4096,16384
   olmoe-spattn bench table2 --tiny --device cpu --out /tmp/t2     # CPU smoke run
+  olmoe-spattn bench table2 --render benchmarks/results/nvidia-h200/table2/table2.json
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="do not keep earlier rows found in --out/table2.json")
     parser.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch (default 0)")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="measure nothing: re-render this saved table2.json (Markdown, chart, derived "
+                        "columns) into its own folder, or into --out; measurement options are ignored")
 
 
 def resolve(args: argparse.Namespace):
@@ -247,8 +255,45 @@ def measure_length(seq_len: int, batch: int, shape, variants: list[str], args, d
     return [rows[v] for v in variants]  # the model and optimizer are freed on return
 
 
+def add_pair_fractions(rows: list[dict], n_heads: int) -> list[dict]:
+    """Sets every row's ``causal_pair_fraction``: the share of causal (query, key) pairs its
+    method allows at its length, averaged over ``n_heads`` heads (the same for every
+    implementation of a method). Returns the same rows (modified in place)."""
+    from ..flex import causal_pair_fraction
+
+    cache: dict[tuple[str, int], float] = {}
+    for row in rows:
+        key = (parse_variant(row["variant"])[0], int(row["seq_len"]))
+        if key not in cache:
+            cache[key] = causal_pair_fraction(key[0], n_heads, key[1])
+        row["causal_pair_fraction"] = cache[key]
+    return rows
+
+
+def render(path: Path, out: Path | None) -> int:
+    """Re-renders a saved table2.json into ``out`` (default: its folder) without measuring:
+    the measured numbers and the recorded command stay; the derived columns are recomputed."""
+    from .table2_report import to_markdown
+
+    if not path.is_file():
+        raise ValueError(f"--render: {path} is not a file")
+    data = json.loads(path.read_text())
+    missing = [k for k in ("shape", "rows") if k not in data]
+    if missing:
+        raise ValueError(f"--render: {path} is not a bench table2 result (no {', '.join(missing)})")
+    data["rendered"] = f"olmoe-spattn bench table2 --render {path.name} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"
+    out = out or path.parent
+    write_outputs(data, out)
+    print(to_markdown(data))
+    print(f"wrote {out / 'table2.json'}, {out / 'table2.md'}, {out / 'table2.png'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Measures every sequence length, writing results after each one."""
+    """Measures every sequence length, writing results after each one (or, with
+    ``--render``, only re-renders a saved result)."""
+    if args.render:
+        return render(Path(args.render), Path(args.out) if args.out else None)
     import torch
 
     from .kernel import device_name
@@ -303,6 +348,7 @@ def write_outputs(data: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(data["rows"])
+    add_pair_fractions(data["rows"], int(data["shape"]["n_heads"]))
     (out / "table2.json").write_text(json.dumps(data, indent=2))
     (out / "table2.md").write_text(to_markdown(data))
     plot(data, out / "table2.png")

@@ -6,6 +6,8 @@ the measured rows into Markdown, JSON-ready dicts and a PNG.
 A row is a dict with at least ``seq_len``, ``variant`` (``"<method>@<impl>"``, e.g.
 ``"spattention@triton"``), ``status`` (``"ok"``, ``"failed"`` or ``"unavailable"``) and,
 when ``ok``, ``tokens_per_s`` and ``spread`` ((max - min) / median of the timed steps).
+``causal_pair_fraction`` (the share of causal (query, key) pairs the method's mask allows,
+averaged over heads; filled in by :mod:`~olmoe_spattn.bench.table2`) is shown where present.
 """
 
 from __future__ import annotations
@@ -127,7 +129,31 @@ def verdict(rows: list[dict], seq_len: int) -> str:
             o = best(other)
             if o is not None:
                 parts.append(f"`{sp['variant']}` / `{o['variant']}` = {sp['tokens_per_s'] / o['tokens_per_s']:.2f}x.")
-    return " ".join(parts)
+    work = pair_sentence(fastest, sp, best("longformer"))
+    return " ".join(parts + ([work] if work else []))
+
+
+def fmt_fraction(x: float | None) -> str:
+    """A pair fraction as a percentage (``0.125`` -> ``"12.5%"``; ``"-"`` when unknown)."""
+    return "-" if x is None else format(x, ".2%" if x < 0.01 else ".1%")
+
+
+def pair_sentence(fastest: dict, spattention: dict | None, longformer: dict | None) -> str:
+    """The attention work behind a verdict: the causal pair fractions of SPAttention, the
+    fastest row and Longformer (``""`` when the rows carry no fractions)."""
+    fastest_method = parse_variant(fastest["variant"])[0]
+    items = []
+    for label, row in (("SPAttention", spattention), (None, fastest), ("Longformer", longformer)):
+        if row is None or row.get("causal_pair_fraction") is None:
+            continue
+        frac = fmt_fraction(row["causal_pair_fraction"])
+        if label is None:  # the fastest row, unless it is one of the two named methods
+            if fastest_method not in ("spattention", "longformer"):
+                items.append(f"the fastest row `{row['variant']}` {frac}")
+        else:
+            mark = " (the fastest row)" if parse_variant(row["variant"])[0] == fastest_method else ""
+            items.append(f"{label} {frac}{mark}")
+    return "Causal (query, key) pairs allowed: " + ", ".join(items) + "." if items else ""
 
 
 def to_markdown(data: dict) -> str:
@@ -145,10 +171,14 @@ def to_markdown(data: dict) -> str:
         f"(median; spread = (max - min) / median).",
         "",
         f"Command: `{data.get('command', '')}`",
+        *(["", f"Rendered again from the saved JSON (no new measurements): `{data['rendered']}`"]
+          if data.get("rendered") else []),
         "",
         f"Paper columns: the paper's Table 2 ({PAPER_SEQ_LEN} tokens, 4x A100, all methods in "
         f"FlexAttention); its ratio is to its Standard row ({PAPER_TABLE2_TOKENS_PER_S['dense']:,} tokens/s). "
-        "Ours: ratio to the fastest dense row of the same length, and to dense FlexAttention.",
+        "Ours: ratio to the fastest dense row of the same length, and to dense FlexAttention. "
+        "Causal pairs: the share of the N (N + 1) / 2 causal (query, key) pairs the method's mask "
+        "allows, averaged over heads (computed from the masks the backends use, not measured).",
     ]
     for seq_len in sorted({int(r["seq_len"]) for r in rows}):
         group = [r for r in rows if int(r["seq_len"]) == seq_len]
@@ -157,9 +187,9 @@ def to_markdown(data: dict) -> str:
             "",
             f"## seq {seq_len} (batch {batch})",
             "",
-            "| Method | implementation | tokens/s | spread | x fastest dense | x dense Flex "
+            "| Method | implementation | causal pairs | tokens/s | spread | x fastest dense | x dense Flex "
             "| paper tokens/s | paper x Standard |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         notes = []
         for r in group:
@@ -170,7 +200,8 @@ def to_markdown(data: dict) -> str:
                 tps, spread = r["status"], ""
                 notes.append(f"- `{r['variant']}` {r['status']}: {r.get('note', '')}")
             lines.append(
-                f"| {PAPER_NAMES[method]} | {IMPL_NAMES[impl]} | {tps} | {spread} | "
+                f"| {PAPER_NAMES[method]} | {IMPL_NAMES[impl]} | {fmt_fraction(r.get('causal_pair_fraction'))} "
+                f"| {tps} | {spread} | "
                 f"{fmt(r.get('vs_best_dense'), '.2f')} | {fmt(r.get('vs_dense_flex'), '.2f')} | "
                 f"{fmt(r.get('paper_tokens_per_s'), ',')} | {fmt(r.get('paper_vs_dense'), '.2f')} |"
             )
@@ -193,7 +224,7 @@ def plot(data: dict, path: str | Path) -> Path:
                "spattention": "#2b6cb0", "exclusive_bands": "#4a9bd9", "sliding_window": "#7fb8e6",
                "gapped_bands": "#a9cdee"}
     n_max = max(sum(1 for r in rows if int(r["seq_len"]) == n) for n in lengths)
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 0.32 * n_max + 1.4),
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.4 * len(lengths), 0.32 * n_max + 1.4),
                              squeeze=False, sharey=False)
     for ax, seq_len in zip(axes[0], lengths):
         group = [r for r in rows if int(r["seq_len"]) == seq_len][::-1]
@@ -207,7 +238,9 @@ def plot(data: dict, path: str | Path) -> Path:
                 ax.text(0.02, y, r["status"], va="center", fontsize=7, color="#aa0000")
         ax.axvline(1.0, color="black", lw=0.6, ls=":")
         ax.set_yticks(ys)
-        ax.set_yticklabels([r["variant"] for r in group], fontsize=7)
+        ax.set_yticklabels([r["variant"] + (f" ({fmt_fraction(r['causal_pair_fraction'])} pairs)"
+                                            if r.get("causal_pair_fraction") is not None else "")
+                            for r in group], fontsize=7)
         ax.set_xlabel("tokens/s / fastest dense (black tick: paper / its Standard)", fontsize=7)
         ax.set_title(f"seq {seq_len}", fontsize=9)
     fig.suptitle(f"Table 2 shape, training throughput ({data.get('device', '?')})", fontsize=9)

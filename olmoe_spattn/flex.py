@@ -324,6 +324,30 @@ def unattended_kv_table(
     return (~used_kv.t())[None, :, :, None].to(device)  # [1, Tk, Hkv, 1]
 
 
+@functools.lru_cache(maxsize=_BLOCK_MASK_CACHE_SIZE)
+def unattended_kv_rows(
+    spec: BandSpec, q_len: int, kv_len: int, q_offset: int, head_offset: int, n_local: int, n_kv: int,
+    cu: tuple[int, ...] | None, device: str,
+) -> torch.Tensor | None:
+    """int64 ``[R]``: the rows ``t * Hkv + g`` of K or V viewed as ``[B, Tk * Hkv, D]`` that
+    :func:`unattended_kv_table` marks; ``None`` when every key is attended. Cached per geometry."""
+    table = unattended_kv_table(spec, q_len, kv_len, q_offset, head_offset, n_local, n_kv, cu, "cpu")
+    if table is None:
+        return None
+    return table.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+def zero_kv_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A copy of ``x [B, Tk, Hkv, D]`` with the rows of :func:`unattended_kv_rows` set to 0
+    (``x`` itself when ``rows`` is ``None``). A plain copy plus a row fill: a ``masked_fill``
+    with a mask broadcast along ``D`` measured about 2.5x slower on an H200."""
+    if rows is None:
+        return x
+    out = x.contiguous().clone()  # [B, Tk, Hkv, D]
+    out.view(x.shape[0], -1, x.shape[-1]).index_fill_(1, rows, 0)
+    return out
+
+
 def zero_unattended_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -345,12 +369,10 @@ def zero_unattended_kv(
     kv_len = k.shape[1]
     offset = kv_len - q_len if q_offset is None else q_offset
     cu = None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens.tolist())
-    unused = unattended_kv_table(
+    rows = unattended_kv_rows(
         spec, q_len, kv_len, offset, head_offset, n_local_heads, k.shape[2], cu, device_key(k.device)
     )
-    if unused is None:
-        return k, v
-    return k.masked_fill(unused, 0), v.masked_fill(unused, 0)
+    return zero_kv_rows(k, rows), zero_kv_rows(v, rows)
 
 
 def run_flex(

@@ -178,3 +178,20 @@ def test_unattended_kv_table_per_document(partition):
     # every key attended: the inputs come back uncopied
     dense = BandSpec("dense", 4, 64)
     assert zero_unattended_kv(k, v, dense, tk, n_local_heads=4)[0] is k
+
+
+def test_zeroing_by_rows_equals_the_mask_table():
+    """The row fill the Flex and FA4 backends use gives exactly the table's masked_fill, for a
+    batch of several rows, a non-contiguous input, and with zero gradient at the filled rows."""
+    from olmoe_spattn.flex import unattended_kv_rows, unattended_kv_table, zero_kv_rows
+
+    spec = BandSpec("exclusive_bands", 4, 40)
+    table = unattended_kv_table(spec, 40, 40, 0, 0, 4, 2, None, "cpu")  # [1, Tk, Hkv, 1]
+    rows = unattended_kv_rows(spec, 40, 40, 0, 0, 4, 2, None, "cpu")
+    assert rows is not None and len(rows) == int(table.sum())
+    x = torch.randn(3, 2, 40, 8).transpose(1, 2).requires_grad_()  # [B, Tk, Hkv, D], non-contiguous
+    got = zero_kv_rows(x, rows)
+    assert torch.equal(got, x.masked_fill(table, 0))
+    got.sum().backward()
+    assert torch.equal(x.grad, (~table).expand_as(x).float())
+    assert zero_kv_rows(x, None) is x

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bands import DYNAMIC, BandSpec
-from ..flex import unattended_kv_table
+from ..flex import unattended_kv_rows, zero_kv_rows
 from ..flex_blocks import device_key
 from ..validation import check_kernel_options, check_qkv
 from .blocks import band_aux_tensors, band_block_tables, block_size_for, canonical
@@ -39,7 +39,7 @@ class _Plan:
     aux: list | None = None
     fwd: object = None
     bwd: object = None
-    unused_kv: torch.Tensor | None = None  # [1, Tk, Hkv, 1] keys no query of the group attends
+    unused_kv: torch.Tensor | None = None  # [R] rows of [B, Tk * Hkv, D] no query of the group attends
 
 
 def _spec(pattern: str, n_heads: int, partition_len: int) -> BandSpec:
@@ -74,7 +74,7 @@ def _plan(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offs
         full_block_cnt=t.bwd_full_cnt, full_block_idx=t.bwd_full_idx, block_size=block,
     )
     mask_mod = band_mask_mod() if cu is None else document_band_mask_mod()
-    unused = unattended_kv_table(spec, tq, tk, q_offset, head_offset, h, k.shape[2], cu, device_key(q.device))
+    unused = unattended_kv_rows(spec, tq, tk, q_offset, head_offset, h, k.shape[2], cu, device_key(q.device))
     return _Plan(causal=False, mask_mod=mask_mod, aux=list(aux), fwd=fwd, bwd=bwd, unused_kv=unused)
 
 
@@ -82,9 +82,7 @@ def _without_unattended(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> tuple[
     """K and V with the keys no query attends zeroed: FA4 multiplies their zero weights by V
     inside partially masked blocks, so a NaN there would reach rows that never attend it
     (and their gradients). The gradients of those keys are zero either way."""
-    if plan.unused_kv is None:
-        return k, v
-    return k.masked_fill(plan.unused_kv, 0), v.masked_fill(plan.unused_kv, 0)
+    return zero_kv_rows(k, plan.unused_kv), zero_kv_rows(v, plan.unused_kv)
 
 
 def _interface():

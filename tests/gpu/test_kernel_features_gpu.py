@@ -27,6 +27,15 @@ def _inputs(b, t, h, hkv, d, dtype, seed=0):
     return make(h), make(hkv), make(hkv)
 
 
+def _case(name: str, dtype):
+    """``(spec, q, k, v, kwargs)`` of one case on CUDA (``cu_seqlens`` as an int32 tensor)."""
+    spec, (b, t, h, hkv, d), kw = CASES[name]
+    q, k, v = _inputs(b, t, h, hkv, d, dtype)
+    if "cu_seqlens" in kw:
+        kw = {"cu_seqlens": torch.tensor(kw["cu_seqlens"], device="cuda", dtype=torch.int32)}
+    return spec, q, k, v, kw
+
+
 CASES = {
     # two batch rows of odd T (a tile past row 0's end reads row 1), T % H != 0, dynamic
     # partition, head dim 64, empty rows at the start of every band
@@ -52,10 +61,7 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
         real = launch.fixed_config
         cfg = autotune.LaunchConfig(*config)
         monkeypatch.setattr(launch, "fixed_config", lambda kind, d, e: cfg if kind == "fwd" else real(kind, d, e))
-    spec, (b, t, h, hkv, d), kw = CASES[case]
-    q, k, v = _inputs(b, t, h, hkv, d, dtype)
-    if "cu_seqlens" in kw:
-        kw = {"cu_seqlens": torch.tensor(kw["cu_seqlens"], device="cuda", dtype=torch.int32)}
+    spec, q, k, v, kw = _case(case, dtype)
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert bool(made) == ("tma" in features), "the TMA path was (not) taken"
     # and the same numbers as the default kernel, up to accumulation order
@@ -82,9 +88,6 @@ def test_one_pass_backward_against_oracle(case, dtype, features, monkeypatch):
     monkeypatch.setattr(
         launch, "tma_descriptor", lambda x, *a: reduced.append(x.dtype == torch.float32) or real_desc(x, *a)
     )
-    spec, (b, t, h, hkv, d), kw = CASES[case]
-    q, k, v = _inputs(b, t, h, hkv, d, dtype)
-    if "cu_seqlens" in kw:
-        kw = {"cu_seqlens": torch.tensor(kw["cu_seqlens"], device="cuda", dtype=torch.int32)}
+    spec, q, k, v, kw = _case(case, dtype)
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert any(reduced) == ("tma_reduce" in features), "the dQ reduce-add descriptor was (not) made"

@@ -198,3 +198,33 @@ def test_sweep_rejects_an_unknown_feature_before_running(capsys):
     assert main(["bench", "sweep", "--features", "none;tma_everything"]) != 0
     err = capsys.readouterr().err
     assert "unknown ['tma_everything']; allowed: tma, tma_dq" in err, err
+
+
+def test_peak_memory_counts_the_call_and_its_inputs_not_other_live_tensors(monkeypatch):
+    """The kernel table's peak is one call's footprint: its inputs plus what it allocates beyond
+    what was already live (another backend's cached block masks must not count)."""
+    import torch
+
+    from olmoe_spattn.bench import timing
+
+    state = {"allocated": 1000, "peak": 0}  # 1000 bytes already live: caches, other tensors
+
+    def call():
+        state["peak"] = max(state["peak"], state["allocated"] + 300)  # the call's outputs, workspaces
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    inputs = (torch.zeros(10, dtype=torch.float16), torch.zeros(5, dtype=torch.float32))  # 20 + 20 bytes
+    assert timing.peak_memory_bytes(call, torch.device("cuda"), inputs=inputs) == 300 + 40
+    assert timing.peak_memory_bytes(lambda: None, torch.device("cpu")) is None
+
+
+def test_report_names_how_peak_memory_was_measured():
+    from olmoe_spattn.bench import report
+
+    settings = {"dtype": "bfloat16", "rounds": 3, "iters": 3, "partition_len": "seq"}
+    data = {"gpu": "g", "date": "d", "command": "c", "torch": "t", "settings": settings, "results": []}
+    assert report.PEAK_TEXT[report.PEAK_ALL_LIVE] in report.to_markdown(data)  # files from before the field
+    assert report.PEAK_TEXT[report.PEAK_STEP] in report.to_markdown({**data, "peak_memory": report.PEAK_STEP})

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..dispatch import write as dispatch_write
     from .measure import run_shape
-    from .report import Row, command_line, gpu_slug, write_outputs
+    from .report import PEAK_STEP, Row, command_line, gpu_slug, write_outputs
     from .timing import describe_error, warm_up_device
     from .variants import triton_status
 
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command_line(sys.argv, "kernel"),
         **_versions(),
         "settings": asdict(settings),
+        "peak_memory": PEAK_STEP,
         "backends": backends,
         "patterns": args.patterns,
         "availability": {"ours": ours_ok[1], "fa4": fa4_ok[1]},

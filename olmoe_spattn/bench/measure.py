@@ -96,7 +96,7 @@ def bench_group(
         for name, step in bwd_fns.items():
             if bwd[name].error is None:
                 try:
-                    peaks[name] = peak_memory_bytes(step, device)
+                    peaks[name] = peak_memory_bytes(step, device, inputs=(q, k, v, dout))
                 except Exception as err:  # noqa: BLE001
                     notes[name] = f"peak memory: {describe_error(err)}"
     grad_errs = _grad_errs(bwd_fns, bwd, ref_name) if settings.backward and settings.check else {}

@@ -18,6 +18,15 @@ FLEX_REF, DENSE_REF = "flex", "cudnn_dense"
 BWD_FLOP_FACTOR = 3.5
 RESULT_STEM = "kernel_bench"
 
+#: how a results file measured peak memory (``"peak_memory"``; files without it: all live tensors)
+PEAK_ALL_LIVE = "all_live"
+PEAK_STEP = "step"
+PEAK_TEXT = {
+    PEAK_ALL_LIVE: "max allocated during fwd+bwd, everything live included (inputs, and tables other "
+    "backends keep cached)",
+    PEAK_STEP: "q, k, v, dout plus the most the fwd+bwd call allocates beyond what was live before it",
+}
+
 
 @dataclass
 class Row:
@@ -168,8 +177,8 @@ def to_markdown(data: dict) -> str:
         f"(>= {s.get('min_round_ms', 0):g} ms per round; on CUDA triton.testing.do_bench, L2 cleared "
         f"before each call); partition length N = {s['partition_len']}.",
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
-        f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = max allocated during fwd+bwd, "
-        "inputs included; io = q,k,v,out,dout,dq,dk,dv; max err = largest |output - reference| and "
+        f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = {PEAK_TEXT[data.get('peak_memory', PEAK_ALL_LIVE)]}; "
+        "io = q,k,v,out,dout,dq,dk,dv; max err = largest |output - reference| and "
         "|dq,dk,dv - reference| (reference: flex on CUDA, masked SDPA on CPU).",
         "",
         *summary_markdown(data),

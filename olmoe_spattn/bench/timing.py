@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,15 +127,22 @@ def measure_interleaved(
     return results
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak bytes allocated on ``device`` while ``fn`` runs (everything live, inputs included).
+def peak_memory_bytes(
+    fn: Callable[[], object], device: torch.device, inputs: Sequence[torch.Tensor] = ()
+) -> int | None:
+    """The memory footprint of one call of ``fn``: the bytes of its ``inputs`` plus the most it
+    allocates on ``device`` beyond what was live before it (outputs, gradients, workspaces).
 
-    ``None`` on CPU, where torch keeps no allocator statistics.
+    Tensors that other code keeps alive meanwhile (another backend's cached block masks, the
+    timing loop's buffers) are not counted. ``None`` on CPU, where torch keeps no allocator
+    statistics.
     """
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+    step = int(torch.cuda.max_memory_allocated(device)) - before
+    return step + sum(x.numel() * x.element_size() for x in inputs)

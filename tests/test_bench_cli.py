@@ -228,3 +228,13 @@ def test_report_names_how_peak_memory_was_measured():
     data = {"gpu": "g", "date": "d", "command": "c", "torch": "t", "settings": settings, "results": []}
     assert report.PEAK_TEXT[report.PEAK_ALL_LIVE] in report.to_markdown(data)  # files from before the field
     assert report.PEAK_TEXT[report.PEAK_STEP] in report.to_markdown({**data, "peak_memory": report.PEAK_STEP})
+
+
+def test_written_sweep_tables_say_what_they_were_measured_on(monkeypatch):
+    from olmoe_spattn.bench import modes
+
+    monkeypatch.setattr("sys.argv", ["olmoe-spattn", "bench", "sweep", "--features", "none;tma_dq", "--out", "/x/y.md"])
+    head = modes.results_header("sweep")
+    assert head[0].startswith("### bench sweep: ") and "UTC" in head[0]
+    assert head[2] == "`olmoe-spattn bench sweep --features none;tma_dq`  "  # no output path
+    assert "torch " in head[3] and "triton " in head[3]

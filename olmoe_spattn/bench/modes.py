@@ -245,6 +245,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         lines = overhead(args.rep_ms)
     if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).write_text("\n".join([*results_header(args.bench_kind), *lines]) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def results_header(kind: str) -> list[str]:
+    """What a written table was measured on: GPU, date, command, versions (Markdown lines)."""
+    import datetime as _dt
+    import sys
+
+    import torch
+    import triton
+
+    from .report import command_line
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"### bench {kind}: {gpu}, {date}",
+        "",
+        f"`{command_line(sys.argv, kind)}`  ",
+        f"torch {torch.__version__}, triton {triton.__version__}, "
+        f"OLMOE_SPATTN_TRITON_FEATURES={os.environ.get(FEATURES_ENV, 'auto (unset)')}",
+        "",
+    ]

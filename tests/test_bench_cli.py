@@ -186,8 +186,12 @@ def test_sweep_times_each_feature_value_and_restores_the_environment(monkeypatch
         modes, "_bench", lambda fn, rep_ms: (seen.append(os.environ.get(modes.FEATURES_ENV)), fn(), 1.0)[2]
     )
     monkeypatch.setattr(autotune, "_SPACE", {kind: space[:1] for kind, space in autotune._SPACE.items()})
+    from olmoe_spattn.kernels import launch
+
+    real_config = launch.fixed_config
     monkeypatch.setenv(modes.FEATURES_ENV, "flat")
     lines = modes.sweep([(1, 2, 32, 16)], ["exclusive_bands"], 1.0, device="cpu", features=["none", "tma_dq"])
+    assert launch.fixed_config is real_config
     labels = [line.split(" | ")[3] for line in lines[2:]]
     assert labels == ["none", "tma_dq"] * 4, lines
     assert set(seen) == {"none", "tma_dq"}

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,26 +93,34 @@ def parse_cases(text: str) -> list[Case]:
 
 
 @contextmanager
-def use_variant(variant: Variant) -> Iterator[None]:
-    """Sets the feature variable and the forward config override for the duration."""
+def overridden(env: dict[str, str] | None = None, configs: dict | None = None) -> Iterator[None]:
+    """For the duration: the environment variables in ``env`` set, and ``launch.fixed_config``
+    returning ``configs[kind]`` (a ``LaunchConfig``) for the kernel kinds it names; both
+    restored afterwards."""
     from ..kernels import launch
 
-    old_env = os.environ.get(ENV)
+    old_env = {name: os.environ.get(name) for name in env or {}}
     real = launch.fixed_config
-    os.environ[ENV] = ",".join(variant.features)
-    if variant.fwd_config is not None:
-        from ..kernels.autotune import LaunchConfig
-
-        cfg = LaunchConfig(*variant.fwd_config)
-        launch.fixed_config = lambda kind, block_d, extent: cfg if kind == "fwd" else real(kind, block_d, extent)
+    os.environ.update(env or {})
+    if configs:
+        launch.fixed_config = lambda kind, block_d, extent: configs.get(kind) or real(kind, block_d, extent)
     try:
         yield
     finally:
         launch.fixed_config = real
-        if old_env is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old_env
+        for name, value in old_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def use_variant(variant: Variant) -> AbstractContextManager[None]:
+    """Sets the feature variable and the forward config override for the duration."""
+    from ..kernels.autotune import LaunchConfig
+
+    configs = {"fwd": LaunchConfig(*variant.fwd_config)} if variant.fwd_config is not None else None
+    return overridden({ENV: ",".join(variant.features)}, configs)
 
 
 def _calls(case: Case, device: str, dtype):

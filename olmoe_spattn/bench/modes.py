@@ -79,14 +79,12 @@ def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda",
     from ..bands import BandSpec
     from ..kernels import autotune, launch
     from ..kernels.op import _problem
+    from .features import overridden
 
     lines = ["| B,H,T,D | pattern | kernel | features | config (block_m, block_n, warps, stages): ms, fastest first |",
              "|---|---|---|---|---|"]
-    old = os.environ.get("OLMOE_SPATTN_AUTOTUNE")
-    old_features = os.environ.get(FEATURES_ENV)
-    os.environ["OLMOE_SPATTN_AUTOTUNE"] = "0"
-    real = launch.fixed_config
-    try:
+    feature_values = features or [os.environ.get(FEATURES_ENV) or "auto"]
+    with overridden({"OLMOE_SPATTN_AUTOTUNE": "0"}):
         for b, h, t, d in shapes:
             q, k, v = _inputs(b, t, h, d, device=device, dtype=None if device == "cuda" else torch.float32)
             g = torch.randn_like(q)
@@ -107,34 +105,20 @@ def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda",
                 for kind, space in autotune._SPACE.items():
                     if kind not in calls:  # a kernel kind this sweep does not know how to call
                         continue
-                    for feats in features or [old_features or "auto"]:
-                        os.environ[FEATURES_ENV] = feats
+                    for feats in feature_values:
                         res = []
                         for cfg_t in space:
                             cfg = autotune.LaunchConfig(*cfg_t)
                             if autotune._smem_bytes(kind, cfg, p.block_d) > 200 * 1024:
                                 continue
-                            launch.fixed_config = (
-                                lambda k_, dd, e, kind=kind, cfg=cfg: cfg if k_ == kind else real(k_, dd, e)
-                            )
                             try:
-                                res.append((_bench(calls[kind], rep_ms), str(cfg_t)))
+                                with overridden({FEATURES_ENV: feats}, {kind: cfg}):
+                                    res.append((_bench(calls[kind], rep_ms), str(cfg_t)))
                             except Exception as exc:  # noqa: BLE001 - a config that does not fit is listed
                                 res.append((float("inf"), f"{cfg_t} {type(exc).__name__}"))
-                        launch.fixed_config = real
                         cells = "  ".join(f"{c}: {ms:.3f}" for ms, c in sorted(res, key=lambda r: r[0]))
                         lines.append(f"| {b},{h},{t},{d} | {spec.pattern} | {kind} | {feats} | {cells} |")
                         print(lines[-1], flush=True)
-    finally:
-        launch.fixed_config = real
-        if old_features is None:
-            os.environ.pop(FEATURES_ENV, None)
-        else:
-            os.environ[FEATURES_ENV] = old_features
-        if old is None:
-            os.environ.pop("OLMOE_SPATTN_AUTOTUNE", None)
-        else:
-            os.environ["OLMOE_SPATTN_AUTOTUNE"] = old
     return lines
 
 

@@ -1,4 +1,5 @@
-"""Opt-in kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, tma_dq, tma_bwd, tma_reduce, flat).
+"""Opt-in kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, tma_dq, tma_bwd, tma_reduce, flat;
+gluon_fwd in ``test_hopper_kernels.py``).
 
 On a CPU machine these run through Triton's interpreter, which executes TMA descriptor
 loads (host-side ``TensorDescriptor``); ``tma_dq`` and ``tma_bwd`` do the same for the backward
@@ -222,13 +223,14 @@ def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):
 
 @pytest.mark.parametrize(
     ("extent", "head_dim", "major", "want"),
-    [(256, 128, 9, {"tma", "flat", "tma_dq"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"tma_dq"}),
+    [(256, 128, 9, {"tma", "flat", "tma_dq"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"gluon_fwd", "tma_dq"}),
      (65536, 128, 10, {"tma_dq"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
-     (65536, 128, 9, {"tma_dq"}), (65536, 64, 9, set())],
+     (65536, 128, 9, {"gluon_fwd", "tma_dq"}), (65536, 64, 9, {"gluon_fwd"})],
 )
 def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
-    """Unset (or ``auto``): narrow bands take tma+flat in the forward, head dim 128 takes tma_dq
-    in the backward, on SM90+ only and for the measured head dims; ``none`` and an explicit list win."""
+    """Unset (or ``auto``): narrow bands take tma+flat in the forward, wider ones the Gluon forward
+    on SM90 (not SM100: no warpgroup MMAs there), head dim 128 takes tma_dq in the backward, on SM90+
+    only and for the measured head dims; ``none`` and an explicit list win."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     cuda = torch.device("cuda", 0)
@@ -257,6 +259,7 @@ def test_automatic_choice_for_short_causal_attention(monkeypatch):
     assert launch.triton_features(_problem(1024, head_dim=64, max_tk=1024), cuda) == frozenset()
     assert launch.triton_features(_problem(512, head_dim=64, max_tk=1024), cuda) == {"tma", "flat"}
     assert launch.triton_features(_problem(1024, max_tk=1024), cuda) == {"tma_dq"}
+    assert launch.triton_features(_problem(2048, max_tk=2048), cuda) == {"gluon_fwd", "tma_dq"}
 
 
 def test_interpreter_runs_the_plain_kernels_by_default(monkeypatch):

@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 
 from olmoe_spattn import BandSpec
-from olmoe_spattn.kernels.common import key_block_ranges, load_intervals, query_block_ranges, tile_is_full
+from olmoe_spattn.kernels.common import (
+    key_block_ranges,
+    keys_used,
+    load_intervals,
+    query_block_ranges,
+    tile_is_full,
+    tile_keys_all_used,
+)
 
 EDGE, FULL = 1, 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,6 +59,21 @@ def _query_tiles_kernel(Table, Out, tq, tk, q_off, n_qb, BLOCK_M: tl.constexpr, 
         i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
         full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
         tl.store(row + mb, tl.load(row + mb) + tl.where(full, 2, 1))
+
+
+@triton.jit
+def _keys_used_kernel(Table, Used, AllUsed, tq, tk, q_off, n_kb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    lo0, hi0, lo1, hi1 = load_intervals(Table + h * 4)
+    i0 = m * BLOCK_M + q_off
+    i1 = tl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    row = h * tl.num_programs(0) + m
+    for kb in range(0, n_kb):
+        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(Used + row * n_kb * BLOCK_N + cols, keys_used(cols, i0, i1, tk, lo0, hi0, lo1, hi1).to(tl.int32))
+        all_used = tile_keys_all_used(i0, i1, kb * BLOCK_N, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+        tl.store(AllUsed + row * n_kb + kb, all_used.to(tl.int32))
 
 
 GEOMETRIES = [
@@ -141,3 +163,47 @@ def test_query_tiles_of_key_tiles(geom):
     assert not (needed & (out == 0)).any(), "a query block holding allowed pairs was skipped"
     assert not ((out == FULL) & ~full).any(), "a tile with a forbidden pair ran without the mask"
     assert torch.equal(out == FULL, full)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g[0]}-H{g[1]}-N{g[2]}-{g[3]}x{g[4]}-{g[5]}x{g[6]}")
+def test_keys_used_by_query_tiles(geom):
+    """The closed forms the Gluon forward uses to find value rows no query row of a tile
+    attends (``keys_used``, and ``tile_keys_all_used`` per key block) equal the mask's."""
+    pattern, h, n, tq, tk, bm, bn = geom
+    spec = BandSpec(pattern, h, n)
+    q_off = tk - tq
+    mask = spec.mask(tk)[:, q_off:, :]  # [H, Tq, Tk]
+    n_qt, n_kb = triton.cdiv(tq, bm), triton.cdiv(tk, bn)
+    used = torch.zeros(h, n_qt, n_kb * bn, dtype=torch.int32, device=DEVICE)
+    all_used = torch.zeros(h, n_qt, n_kb, dtype=torch.int32, device=DEVICE)
+    _keys_used_kernel[(n_qt, h)](
+        _interval_table(spec, tk), used, all_used, tq, tk, q_off, n_kb, BLOCK_M=bm, BLOCK_N=bn
+    )
+    want = torch.zeros(h, n_qt, n_kb * bn, dtype=torch.bool)
+    for m in range(n_qt):
+        want[:, m, :tk] = mask[:, m * bm:(m + 1) * bm, :].any(dim=1)
+    assert torch.equal(used.cpu().bool(), want)
+    want_all = want.view(h, n_qt, n_kb, bn).all(dim=-1)
+    assert torch.equal(all_used.cpu().bool(), want_all)
+    assert want_all.any() and not want_all.all(), "the geometry must have tiles of both kinds"
+
+
+def test_keys_used_with_gaps_around_the_tile_height():
+    """Hand-made interval pairs whose gap is just below, at and above the query tile's
+    height (where the two key ranges of a tile touch or leave one key out), unused intervals,
+    and a first interval not starting at distance 0."""
+    bm, bn, tq, tk = 8, 8, 40, 40
+    pairs = [(0, 5, 5 + gap, 12 + gap) for gap in (bm - 2, bm - 1, bm, bm + 1, bm + 2)]
+    pairs += [(0, 7, 0, 0), (3, 9, 0, 0), (2, 4, 20, 23), (0, 40, 0, 0)]
+    table = torch.tensor(pairs, dtype=torch.int32, device=DEVICE)  # [heads, (lo0, hi0, lo1, hi1)]
+    h, n_qt, n_kb = len(pairs), triton.cdiv(tq, bm), triton.cdiv(tk, bn)
+    used = torch.zeros(h, n_qt, n_kb * bn, dtype=torch.int32, device=DEVICE)
+    all_used = torch.zeros(h, n_qt, n_kb, dtype=torch.int32, device=DEVICE)
+    _keys_used_kernel[(n_qt, h)](table, used, all_used, tq, tk, 0, n_kb, BLOCK_M=bm, BLOCK_N=bn)
+    dist = torch.arange(tq)[:, None] - torch.arange(n_kb * bn)[None, :]  # [Tq, keys]
+    for head, (lo0, hi0, lo1, hi1) in enumerate(pairs):
+        allowed = ((dist >= lo0) & (dist < hi0)) | ((dist >= lo1) & (dist < hi1))
+        allowed &= torch.arange(n_kb * bn)[None, :] < tk
+        want = allowed.view(n_qt, bm, n_kb * bn).any(dim=1)  # [query tiles, keys]
+        assert torch.equal(used[head].cpu().bool(), want), (lo0, hi0, lo1, hi1)
+        assert torch.equal(all_used[head].cpu().bool(), want.view(n_qt, n_kb, bn).all(-1)), (lo0, hi0, lo1, hi1)

@@ -119,7 +119,9 @@ def use_variant(variant: Variant) -> AbstractContextManager[None]:
     """Sets the feature variable and the forward config override for the duration."""
     from ..kernels.autotune import LaunchConfig
 
-    configs = {"fwd": LaunchConfig(*variant.fwd_config)} if variant.fwd_config is not None else None
+    configs = None
+    if variant.fwd_config is not None:  # the Triton forward's config, or the Gluon one's under gluon_fwd
+        configs = {"fwd": LaunchConfig(*variant.fwd_config), "fwd_sm90": LaunchConfig(*variant.fwd_config)}
     return overridden({ENV: ",".join(variant.features)}, configs)
 
 

@@ -63,7 +63,7 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 
 # --------------------------------------------------------------------------- fixed choices
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
-    """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode.
+    """The configuration used without autotuning. ``kind`` is fwd | fwd_sm90 | dq | dkdv | dkdvdq | decode.
 
     Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`). The backward at
     head dim 128 on SM90+ follows per-kernel sweeps on an H200 (`bench sweep --features`,
@@ -79,6 +79,8 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
         return LaunchConfig(16, 64 if big_d else 128, 4, 2 if big_d else 3)
     if big_d:  # D up to 256: small tiles, shallow pipelines (shared memory)
         return LaunchConfig(32, 64, 4, 2) if kind in ("dkdv", "dkdvdq") else LaunchConfig(64, 32, 4, 2)
+    if kind == "fwd_sm90":  # Gluon Hopper forward: block_m, block_n, warps, ring depth
+        return LaunchConfig(64, 64, 4, 2)  # one warpgroup; two blocks fit an SM (H200 sweep, NOTES.md)
     if kind == "fwd":
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)
@@ -98,6 +100,7 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
 # --------------------------------------------------------------------------- tuned spaces
 _SPACE = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "fwd_sm90": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
     "dkdv": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
     "dkdvdq": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],

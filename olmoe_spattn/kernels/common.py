@@ -191,6 +191,35 @@ def attended_columns(allowed):
 
 
 @triton.jit
+def keys_used(j_pos, i0, i1, tk, lo0, hi0, lo1, hi1):
+    """``[len(j_pos)]`` bool: keys that at least one query row ``i0..i1`` attends, in closed
+    form (equal to ``attended_columns(pair_mask(...))`` for the rows ``i0..i1``): key ``j`` is
+    seen through interval ``[lo, hi)`` by some row iff ``i0 - hi < j <= i1 - lo``."""
+    in0 = (j_pos > i0 - hi0) & (j_pos <= i1 - lo0) & (hi0 > lo0)
+    in1 = (j_pos > i0 - hi1) & (j_pos <= i1 - lo1) & (hi1 > lo1)
+    return (in0 | in1) & (j_pos < tk) & (j_pos >= 0)
+
+
+@triton.jit
+def tile_keys_all_used(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N: tl.constexpr):
+    """True when every key ``j0..j0+BLOCK_N-1`` is attended by some row ``i0..i1`` (scalar form
+    of ``keys_used(...).all()``): the tile lies inside one interval's key range, or inside the
+    union of both when they touch, and inside ``Tk``."""
+    j1 = j0 + BLOCK_N - 1
+    s0 = i0 - hi0 + 1
+    e0 = i1 - lo0
+    s1 = i0 - hi1 + 1
+    e1 = i1 - lo1
+    ok0 = hi0 > lo0
+    ok1 = hi1 > lo1
+    in0 = ok0 & (j0 >= s0) & (j1 <= e0)
+    in1 = ok1 & (j0 >= s1) & (j1 <= e1)
+    touch = ok0 & ok1 & (s0 <= e1 + 1) & (s1 <= e0 + 1)
+    in_union = touch & (j0 >= tl.minimum(s0, s1)) & (j1 <= tl.maximum(e0, e1))
+    return (in0 | in1 | in_union) & (j1 < tk) & (j0 >= 0)
+
+
+@triton.jit
 def attended_rows(allowed):
     """``[M]`` bool: rows of an ``[M, N]`` pair mask that allow at least one column."""
     return tl.max(allowed.to(tl.int32), 1) > 0

@@ -5,8 +5,9 @@ Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (o
 with ``bench sweep --variants`` and per-kernel sweeps, see ``NOTES.md``): ``tma`` and ``flat``
 in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and less
 than the sequence (head dims 64 and 128; 1.1-1.5x forward there, 0.64-0.9x on wider bands and
-dense), and ``tma_dq`` in the two-pass backward for head dim 128 (1.14-1.28x on the dQ kernel
-for every measured band width). ``none`` (or an empty value) gives the plain kernels; a
+dense), ``gluon_fwd`` on SM90 for wider bands (1.19-1.59x forward), and ``tma_dq`` in the
+two-pass backward for head dim 128 (1.14-1.28x on the dQ kernel for every measured band
+width). ``none`` (or an empty value) gives the plain kernels; a
 comma-separated list forces exactly those features:
 
 * ``tma``: the forward's Q, K and V tiles are loaded through host-side TMA tensor descriptors (2-D views
@@ -22,6 +23,10 @@ comma-separated list forces exactly those features:
   instead of per-element atomic adds (rows past a sequence's end add zeros). Triton's
   interpreter has no descriptor reductions: there it keeps the atomic adds.
 * ``flat``: the forward's key loop masks every tile (no data-dependent branch in the loop body).
+* ``gluon_fwd``: the forward runs the Gluon Hopper kernel (``hopper_forward.py``: TMA rings,
+  asynchronous warpgroup MMAs, the softmax of one key tile overlapping the P·V MMA of the
+  previous one) on SM90 GPUs for bf16/fp16 calls with head dim 64 or 128 whose tensors a
+  descriptor can read (as for ``tma``); other calls keep the Triton forward.
 
 Triton's automatic warp specialization of the forward's key loop was measured too (0.37-0.59x,
 and NaN at one launch config; ``NOTES.md``) and is not offered.
@@ -34,7 +39,7 @@ import os
 import torch
 import triton
 
-from .autotune import autotune_enabled, fixed_config, interpreting, pick, tuning_key
+from .autotune import LaunchConfig, autotune_enabled, cuda_major, fixed_config, interpreting, pick, tuning_key
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
 from .common import Problem
 from .decode import run_decode, use_decode_path
@@ -47,7 +52,7 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat")
+TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "gluon_fwd")
 
 
 #: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
@@ -63,6 +68,9 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
         return frozenset()
     # dQ kernel: descriptor loads of K and V measured 1.14-1.28x at head dim 128 (64: not measured)
     chosen = {"tma_dq"} if p.block_d == 128 else set()
+    # Gluon Hopper forward: 1.19-1.59x the Triton forward on bands wider than 1024 distances
+    if p.extent > AUTO_FLAT_MAX_EXTENT and torch.cuda.get_device_capability(device)[0] == 9:
+        chosen.add("gluon_fwd")
     # a band as wide as the sequence is causal attention: mostly full tiles, where the
     # branch-free masking loses (measured 0.64-0.71x forward on dense)
     if p.extent <= AUTO_FLAT_MAX_EXTENT and p.extent < p.max_tk:
@@ -166,6 +174,9 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     features = triton_features(p, q.device)
+    if "gluon_fwd" in features and sm90_forward_ok(q, k, v, p):
+        run_forward_sm90(q, k, v, out, lse, p)
+        return out, lse
     extra = {}
     descriptors = None
     if "tma" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v)):
@@ -182,6 +193,52 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         DOT_PRECISION=p.dot_precision, **extra,
     )
     return out, lse
+
+
+def sm90_forward_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> bool:
+    """Whether the Gluon Hopper forward can run this call: an SM90 GPU (its warpgroup MMAs do
+    not exist elsewhere), bf16/fp16, head dim 64 or 128, tensors a descriptor can read."""
+    return (
+        not interpreting() and q.is_cuda and cuda_major() == 9 and q.dtype in (torch.bfloat16, torch.float16)
+        and p.head_dim in (64, 128) and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v))
+    )
+
+
+def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     p: Problem) -> None:
+    """The forward through :func:`hopper_forward.fwd_kernel_sm90` into ``out`` and ``lse``."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .hopper_forward import fwd_kernel_sm90
+
+    elt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(x: torch.Tensor, rows: int):
+        b, t, h, d = x.shape
+        layout = gl.NVMMASharedLayout.get_default_for([rows, d], elt)
+        return TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [rows, d], layout)
+
+    def run(c: LaunchConfig):
+        grid = (triton.cdiv(p.max_tq, c.block_m), p.n_heads, p.z)
+        return fwd_kernel_sm90[grid](
+            descriptor(q, c.block_m), descriptor(k, c.block_n), descriptor(v, c.block_n), out, lse, p.table, p.cu,
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            p.table_doc_stride,
+            p.tq, p.tk, p.q_offset,
+            p.group,
+            p.scale,
+            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
+            IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
+        )
+
+    cfg = fixed_config("fwd_sm90", p.block_d, p.extent)
+    if autotune_enabled():
+        key = (q.dtype, p.block_d, p.is_varlen, p.group > 1, tuning_key(p.block_d, p.extent, p.is_varlen),
+               _work_bucket(p))
+        cfg = pick("fwd_sm90", key, cfg, p.block_d, run)
+    run(cfg)
 
 
 def _bwd_const(p: Problem) -> dict:

@@ -18,7 +18,9 @@ from olmoe_spattn import BandSpec
 pytestmark = pytest.mark.gpu
 
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
-VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,tma_dq", (64, 64, 4, 3))]
+VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,tma_dq", (64, 64, 4, 3)),
+            ("gluon_fwd", None), ("gluon_fwd", (64, 64, 4, 2)), ("gluon_fwd", (128, 64, 8, 4)),
+            ("gluon_fwd", (128, 128, 8, 2))]
 
 
 def _inputs(b, t, h, hkv, d, dtype, seed=0):
@@ -54,16 +56,21 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
 
     monkeypatch.setenv("OLMOE_SPATTN_AUTOTUNE", "0")
     monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", features)
-    made = []
+    made, gluon_calls = [], []
     real_desc = launch.tma_descriptor
     monkeypatch.setattr(launch, "tma_descriptor", lambda *a: made.append(a[1:]) or real_desc(*a))
+    real_sm90 = launch.run_forward_sm90
+    monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: gluon_calls.append(1) or real_sm90(*a))
     if config is not None:
         real = launch.fixed_config
         cfg = autotune.LaunchConfig(*config)
-        monkeypatch.setattr(launch, "fixed_config", lambda kind, d, e: cfg if kind == "fwd" else real(kind, d, e))
+        monkeypatch.setattr(
+            launch, "fixed_config", lambda kind, d, e: cfg if kind in ("fwd", "fwd_sm90") else real(kind, d, e)
+        )
     spec, q, k, v, kw = _case(case, dtype)
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert bool(made) == ("tma" in features), "the TMA path was (not) taken"
+    assert bool(gluon_calls) == ("gluon_fwd" in features), "the Gluon Hopper forward was (not) taken"
     # and the same numbers as the default kernel, up to accumulation order
     out = triton_band_attention(q.detach(), k.detach(), v.detach(), spec, **kw)
     monkeypatch.delenv("OLMOE_SPATTN_TRITON_FEATURES")

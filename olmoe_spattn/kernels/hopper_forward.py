@@ -1,0 +1,259 @@
+"""Forward band kernel for Hopper (SM90), written in Gluon: TMA ring buffers and async wgmma.
+
+Same geometry, masking and results as :func:`forward.fwd_kernel` (one program per query tile,
+head and batch row or packed document; at most two ranges of key blocks per tile; element
+masks only on tiles that straddle an interval edge, ``Tk`` or the last query row), but the
+schedule is explicit instead of left to Triton's pipeliner:
+
+* Q is loaded once by TMA; K and V tiles stream through ``STAGES``-deep shared-memory rings,
+  each slot with its own mbarrier, K and V separately (a K slot is refilled as soon as the
+  score MMA that read it is done, a V slot once the P·V MMA that read it is done).
+* Scores of key tile ``t`` (``S = Q K^T``) and ``O += P V`` of tile ``t - 1`` are issued as
+  asynchronous warpgroup MMAs back to back; the softmax of tile ``t`` runs while the P·V
+  MMA of tile ``t - 1`` is still on the tensor cores (FlashAttention-3's intra-warpgroup
+  overlap). P stays in registers as the MMA's A operand.
+* Edge tiles: scores outside the band become ``-inf``; value rows no query row of the tile
+  attends are zeroed in shared memory before the P·V MMA reads them (``0 * NaN`` would reach
+  rows that never attend that key), only on tiles that have such rows.
+
+Rows past a sequence's end: a 2-D descriptor over ``[B * T, H * D]`` reads them from the next
+batch row or document (or TMA's zero fill past the tensor). Such key tiles are never full, so
+they take the exact mask and the value zeroing; such query rows feed only their own rows,
+which are never stored. Requires head dim 64 or 128 (the tile's D), bf16 or fp16.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .common import key_block_ranges, keys_used, load_intervals, tile_is_full, tile_keys_all_used
+
+# names that changed after Triton 3.6: the TMA tile load (``async_copy_global_to_shared`` ->
+# ``async_load``) and the CTA-wide barrier (``thread_barrier`` -> ``barrier``)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.constexpr_function
+def _blocked_rows_layout(head_dim, num_warps):
+    """A register layout for a ``[rows, head_dim]`` tile with 16-byte vectors along D."""
+    lanes_d = max(1, min(32, head_dim // 8))
+    return gl.BlockedLayout([1, 8], [32 // lanes_d, lanes_d], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _in_interval(i_pos, j_pos, lo, hi):
+    """``lo <= i - j < hi`` for every pair: one subtract and one unsigned compare."""
+    d = gl.expand_dims(i_pos - lo, 1) - gl.expand_dims(j_pos, 0)
+    return d.to(gl.uint32, bitcast=True) < (hi - lo).to(gl.uint32, bitcast=True)
+
+
+@gluon.jit
+def _pair_mask(i_pos, j_pos, i_end, tk, lo0, hi0, lo1, hi1):
+    """``[len(i_pos), len(j_pos)]`` allowed pairs (as :func:`common.pair_mask_flat`)."""
+    ok = _in_interval(i_pos, j_pos, lo0, hi0) | _in_interval(i_pos, j_pos, lo1, hi1)
+    ok = ok & gl.expand_dims(j_pos < tk, 0)
+    return ok & gl.expand_dims(i_pos < i_end, 1)
+
+
+@gluon.jit
+def _issue_load(desc, row, col, bars, ring, slot, pred):
+    """TMA load of one ``[rows, D]`` tile into ``ring[slot]``, completing ``bars[slot]``."""
+    bar = bars.index(slot)
+    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+    _tma_load(desc, [row, col], bar, ring.index(slot), pred=pred)
+
+
+@gluon.jit
+def _key_block(t, n0, a0, a1):
+    """Key block of the ``t``-th tile of the walk: range 0 first, then range 1."""
+    return gl.where(t < n0, a0 + t, a1 + (t - n0))
+
+
+@gluon.jit
+def fwd_kernel_sm90(
+    q_desc, k_desc, v_desc, Out, Lse, Table, CuSeq,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    table_doc_stride,
+    tq_arg, tk_arg, q_off_arg,
+    group,
+    sm_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    # ---------------------------------------------------------------- which tile
+    m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
+    h = gl.program_id(1)
+    z = gl.program_id(2)
+    if IS_VARLEN:
+        b = z * 0
+        seq_start = gl.load(CuSeq + z)
+        tq = gl.load(CuSeq + z + 1) - seq_start
+        tk = tq
+        q_off = 0
+        tab = Table + z * table_doc_stride + h * 4
+    else:
+        b = z
+        seq_start = z * 0
+        tq = tq_arg
+        tk = tk_arg
+        q_off = q_off_arg
+        tab = Table + h * 4
+    if m * BLOCK_M >= tq:
+        return
+    h_kv = h // group
+    lo0, hi0, lo1, hi1 = load_intervals(tab)
+    i0 = m * BLOCK_M + q_off
+    i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    i_end = q_off + tq
+    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    n_tot = n0 + n1
+
+    # ---------------------------------------------------------------- layouts
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    v_reg_layout: gl.constexpr = _blocked_rows_layout(HEAD_DIM, num_warps)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_desc.dtype
+
+    # ---------------------------------------------------------------- shared memory, barriers
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(s), count=1)
+        mbarrier.init(v_bars.index(s), count=1)
+
+    q_row = (b * tq + seq_start + m * BLOCK_M).to(gl.int32)
+    kv_row0 = (b * tk + seq_start).to(gl.int32)
+    q_col = h * HEAD_DIM
+    kv_col = h_kv * HEAD_DIM
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
+    for s in gl.static_range(STAGES):  # fill the rings
+        row = kv_row0 + _key_block(s, n0, a0, a1) * BLOCK_N
+        _issue_load(k_desc, row, kv_col, k_bars, k_ring, s, s < n_tot)
+        _issue_load(v_desc, row, kv_col, v_bars, v_ring, s, s < n_tot)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    i_pos = i0 + gl.arange(0, BLOCK_M, layout=row_s)  # query positions in key coordinates
+    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # scores; each MMA overwrites it
+    mbarrier.wait(q_bar, 0)
+
+    if n_tot > 0:
+        # tile 0: scores and softmax only; its P·V is issued with tile 1's scores
+        kb = _key_block(0, n0, a0, a1)
+        mbarrier.wait(k_bars.index(0), 0)
+        s_acc = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+        s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
+        nxt = STAGES
+        _issue_load(k_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
+        s_acc = _mask_tile(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
+                           lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+        m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
+        l_i = gl.sum(p, 1)
+        m_i = m_new
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for t in range(1, n_tot):
+            slot = t % STAGES
+            phase = (t // STAGES) & 1
+            prev = (t - 1) % STAGES
+            prev_phase = ((t - 1) // STAGES) & 1
+            kb = _key_block(t, n0, a0, a1)
+            mbarrier.wait(k_bars.index(slot), phase)
+            s_acc = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+            mbarrier.wait(v_bars.index(prev), prev_phase)
+            acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
+            s_acc = warpgroup_mma_wait(1, deps=(s_acc,))  # the scores (issued first) are done
+            nxt = t + STAGES
+            _issue_load(k_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, slot,
+                        nxt < n_tot)
+            s_acc = _mask_tile(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
+                               lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+            m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
+            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
+            alpha = gl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
+            nxt = t - 1 + STAGES
+            _issue_load(v_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, v_bars, v_ring, prev,
+                        nxt < n_tot)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        last = (n_tot - 1) % STAGES
+        mbarrier.wait(v_bars.index(last), ((n_tot - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_ring.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(s))
+        mbarrier.invalidate(v_bars.index(s))
+
+    # ---------------------------------------------------------------- epilogue
+    l_o = gl.convert_layout(l_i, row_o)
+    empty = l_o == 0.0
+    out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+    offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)  # rows relative to the sequence
+    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = offs_mo < tq
+    o_ptrs = (Out + b.to(gl.int64) * stride_ob + gl.expand_dims((seq_start + offs_mo).to(gl.int64) * stride_ot, 1)
+              + h * stride_oh + gl.expand_dims(offs_do, 0))
+    o_mask = gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_do < HEAD_DIM, 0)
+    gl.store(o_ptrs, out.to(dtype), mask=o_mask)
+    m_o = gl.convert_layout(m_i, row_o)
+    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+    gl.store(Lse + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start + offs_mo, lse, mask=row_ok)
+
+
+@gluon.jit
+def _mask_tile(s_acc, v_ring, v_bars, slot, phase, j0, i0, i1, i_pos, offs_n, i_end, tk,
+               lo0, hi0, lo1, hi1, BLOCK_N: gl.constexpr, v_reg_layout: gl.constexpr):
+    """Scores of one key tile with disallowed pairs at ``-inf``; on tiles where some key is
+    attended by no row, that key's value row is zeroed in ``v_ring[slot]`` (after its load)."""
+    if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+        allowed = _pair_mask(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
+        s_acc = gl.where(allowed, s_acc, float("-inf"))
+        if not tile_keys_all_used(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+            mbarrier.wait(v_bars.index(slot), phase)
+            v_tile = v_ring.index(slot).load(v_reg_layout)
+            keys = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_reg_layout))
+            keep = keys_used(keys, i0, i1, tk, lo0, hi0, lo1, hi1)
+            v_ring.index(slot).store(gl.where(gl.expand_dims(keep, 1), v_tile, 0.0))
+            fence_async_shared()
+            _cta_barrier()
+    return s_acc

@@ -1,0 +1,91 @@
+"""The Gluon Hopper kernels (``gluon_fwd``) on a CPU machine.
+
+Gluon has no interpreter, so what runs here is: every kernel compiles for SM90 with the
+installed Triton (down to a cubin, no GPU needed) at the launch configurations the dispatch
+uses, and a call that cannot take the Gluon path (here: the interpreter, CPU tensors) falls back
+to the Triton kernel with the same result.
+The geometry the Gluon kernels share with the Triton ones (key ranges, full tiles, keys no row
+of a tile attends) is checked in ``test_kernel_tiles.py``; their numbers are checked against the
+float64 oracle on the GPU (``tests/gpu/test_kernel_features_gpu.py``, ``test_nonfinite_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from olmoe_spattn import BandSpec
+from olmoe_spattn.kernels import autotune, launch, triton_band_attention
+
+ENV = "OLMOE_SPATTN_TRITON_FEATURES"
+
+
+# Runs in a fresh interpreter: with TRITON_INTERPRET=1 set at import (as in this test session)
+# the shared ``@triton.jit`` helpers become interpreter objects, which Gluon cannot compile.
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from olmoe_spattn.kernels.hopper_forward import fwd_kernel_sm90
+
+def descriptor_type(rows, head_dim, dtype):
+    elt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], elt)
+    return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
+
+results = []
+for (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.argv[1]):
+    signature = {
+        "q_desc": descriptor_type(bm, head_dim, dtype), "k_desc": descriptor_type(bn, head_dim, dtype),
+        "v_desc": descriptor_type(bn, head_dim, dtype), "Out": "*" + dtype, "Lse": "*fp32", "Table": "*i32",
+        "CuSeq": "*i32",
+    }
+    for name in ("stride_ob", "stride_ot", "stride_oh", "stride_lb", "stride_lh", "table_doc_stride", "tq_arg",
+                 "tk_arg", "q_off_arg", "group"):
+        signature[name] = "i32"
+    signature["sm_scale"] = "fp32"
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, IS_VARLEN=varlen, num_warps=warps)
+    names = list(signature) + list(constexprs)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    src = GluonASTSource(fwd_kernel_sm90, signature, {(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    results.append({"cubin": len(compiled.asm["cubin"]), "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+                    "shared": compiled.metadata.shared})
+print(json.dumps(results))
+"""
+
+
+def test_forward_compiles_for_sm90_at_every_tuned_config():
+    cases = [(cfg, head_dim, dtype, varlen) for cfg in autotune._SPACE["fwd_sm90"]
+             for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for case, res in zip(cases, results):
+        assert res["cubin"] > 0, f"{case}: no SM90 binary"
+        assert res["wgmma"], f"{case}: the forward must use warpgroup MMAs"
+        assert res["shared"] <= 227 * 1024, f"{case}: more shared memory than an SM90 block may have"
+
+
+def test_forced_gluon_forward_falls_back_where_it_cannot_run(monkeypatch):
+    """Forced ``gluon_fwd`` in the interpreter (or on CPU tensors): the Triton forward runs, with
+    the same numbers as without the feature, and the Gluon launcher is never called."""
+    spec = BandSpec("spattention", 4, 40)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, 4, 16, generator=g) for _ in range(3))  # [B, T, H, D]
+    monkeypatch.delenv(ENV, raising=False)
+    want = triton_band_attention(q, k, v, spec)
+    calls = []
+    monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: calls.append(a))
+    monkeypatch.setenv(ENV, "gluon_fwd")
+    assert torch.equal(triton_band_attention(q, k, v, spec), want)
+    assert calls == []

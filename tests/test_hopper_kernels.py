@@ -1,4 +1,4 @@
-"""The Gluon Hopper kernels (``gluon_fwd``) on a CPU machine.
+"""The Gluon Hopper kernels (``gluon_fwd``, ``gluon_bwd``) on a CPU machine.
 
 Gluon has no interpreter, so what runs here is: every kernel compiles for SM90 with the
 installed Triton (down to a cubin, no GPU needed) at the launch configurations the dispatch
@@ -32,28 +32,45 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from olmoe_spattn.kernels.hopper_forward import fwd_kernel_sm90
+from olmoe_spattn.kernels import hopper_backward, hopper_forward
 
 def descriptor_type(rows, head_dim, dtype):
     elt = gl.bfloat16 if dtype == "bf16" else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], elt)
     return f"tensordesc<{dtype}[{rows}, {head_dim}],{layout!r}>"
 
+def signature(kind, bm, bn, head_dim, dtype):
+    desc = lambda rows: descriptor_type(rows, head_dim, dtype)  # noqa: E731
+    ptr = "*" + dtype
+    if kind == "fwd_sm90":
+        sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "Out": ptr, "Lse": "*fp32"}
+        strides = ["stride_ob", "stride_ot", "stride_oh"]
+    elif kind == "dq_sm90":
+        sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "do_desc": desc(bm), "Out": ptr,
+               "DQ": ptr, "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32"}
+        strides = ["stride_ob", "stride_ot", "stride_oh", "stride_dqb", "stride_dqt", "stride_dqh"]
+    else:
+        sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "do_desc": desc(bm), "DK": ptr,
+               "DV": ptr, "Lse": "*fp32", "Delta": "*fp32"}
+        strides = ["stride_dkb", "stride_dkt", "stride_dkh", "stride_dvb", "stride_dvt", "stride_dvh"]
+    sig.update({"Table": "*i32", "CuSeq": "*i32"})
+    for name in strides + ["stride_lb", "stride_lh", "table_doc_stride", "tq_arg", "tk_arg", "q_off_arg", "group"]:
+        sig[name] = "i32"
+    sig["sm_scale"] = "fp32"
+    return sig
+
+KERNELS = {"fwd_sm90": hopper_forward.fwd_kernel_sm90, "dq_sm90": hopper_backward.dq_kernel_sm90,
+           "dkdv_sm90": hopper_backward.dkdv_kernel_sm90}
 results = []
-for (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.argv[1]):
-    signature = {
-        "q_desc": descriptor_type(bm, head_dim, dtype), "k_desc": descriptor_type(bn, head_dim, dtype),
-        "v_desc": descriptor_type(bn, head_dim, dtype), "Out": "*" + dtype, "Lse": "*fp32", "Table": "*i32",
-        "CuSeq": "*i32",
-    }
-    for name in ("stride_ob", "stride_ot", "stride_oh", "stride_lb", "stride_lh", "table_doc_stride", "tq_arg",
-                 "tk_arg", "q_off_arg", "group"):
-        signature[name] = "i32"
-    signature["sm_scale"] = "fp32"
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, IS_VARLEN=varlen, num_warps=warps)
-    names = list(signature) + list(constexprs)
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    src = GluonASTSource(fwd_kernel_sm90, signature, {(names.index(k),): v for k, v in constexprs.items()})
+for kind, (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.argv[1]):
+    sig = signature(kind, bm, bn, head_dim, dtype)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, IS_VARLEN=varlen)
+    if kind == "dq_sm90":
+        constexprs["HAS_DLSE"] = varlen
+    constexprs["num_warps"] = warps
+    names = list(sig) + list(constexprs)
+    sig.update(dict.fromkeys(constexprs, "constexpr"))
+    src = GluonASTSource(KERNELS[kind], sig, {(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     results.append({"cubin": len(compiled.asm["cubin"]), "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
                     "shared": compiled.metadata.shared})
@@ -61,19 +78,28 @@ print(json.dumps(results))
 """
 
 
-def test_forward_compiles_for_sm90_at_every_tuned_config():
-    cases = [(cfg, head_dim, dtype, varlen) for cfg in autotune._SPACE["fwd_sm90"]
-             for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True))]
+def test_kernels_compile_for_sm90_at_every_tuned_config():
+    """Forward, dQ and dK/dV at every configuration of their tuned spaces (the defaults are
+    among them), head dim 128 in bf16 and 64 in fp16 with packed documents."""
+    cases = [(kind, cfg, head_dim, dtype, varlen) for kind in ("fwd_sm90", "dq_sm90", "dkdv_sm90")
+             for cfg in autotune._SPACE[kind] for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(results) == len(cases)
     for case, res in zip(cases, results):
         assert res["cubin"] > 0, f"{case}: no SM90 binary"
-        assert res["wgmma"], f"{case}: the forward must use warpgroup MMAs"
+        assert res["wgmma"], f"{case}: the kernel must use warpgroup MMAs"
         assert res["shared"] <= 227 * 1024, f"{case}: more shared memory than an SM90 block may have"
+
+
+def test_fixed_configs_are_in_the_tuned_spaces(monkeypatch):
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    for kind in ("fwd_sm90", "dq_sm90", "dkdv_sm90"):
+        for extent in (64, 4096, 65536):
+            assert tuple(vars(autotune.fixed_config(kind, 128, extent)).values()) in autotune._SPACE[kind], kind
 
 
 def test_forced_gluon_forward_falls_back_where_it_cannot_run(monkeypatch):

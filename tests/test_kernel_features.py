@@ -223,14 +223,16 @@ def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):
 
 @pytest.mark.parametrize(
     ("extent", "head_dim", "major", "want"),
-    [(256, 128, 9, {"tma", "flat", "tma_dq"}), (1024, 64, 9, {"tma", "flat"}), (1025, 128, 9, {"gluon_fwd", "tma_dq"}),
-     (65536, 128, 10, {"tma_dq"}), (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
-     (65536, 128, 9, {"gluon_fwd", "tma_dq"}), (65536, 64, 9, {"gluon_fwd"})],
+    [(256, 128, 9, {"gluon_fwd", "tma_dq"}), (1024, 64, 9, {"tma", "flat", "gluon_bwd"}), (512, 64, 9, {"tma", "flat"}),
+     (1025, 128, 9, {"gluon_fwd", "gluon_bwd", "tma_dq"}), (65536, 128, 10, {"tma_dq"}), (256, 128, 10, {"tma", "flat", "tma_dq"}),
+     (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
+     (65536, 128, 9, {"gluon_fwd", "gluon_bwd", "tma_dq"}), (65536, 64, 9, {"gluon_fwd", "gluon_bwd"})],
 )
 def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
-    """Unset (or ``auto``): narrow bands take tma+flat in the forward, wider ones the Gluon forward
-    on SM90 (not SM100: no warpgroup MMAs there), head dim 128 takes tma_dq in the backward, on SM90+
-    only and for the measured head dims; ``none`` and an explicit list win."""
+    """Unset (or ``auto``), on SM90: the Gluon forward for wide bands and at head dim 128, tma+flat
+    for narrow bands at head dim 64, the Gluon backward above 512 distances; on SM100 (no warpgroup MMAs)
+    tma+flat for narrow bands; tma_dq (used by the Triton dQ kernel) at head dim 128 on SM90+; only
+    for the measured head dims; ``none`` and an explicit list win."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     cuda = torch.device("cuda", 0)
@@ -256,10 +258,10 @@ def test_automatic_choice_for_short_causal_attention(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv(ENV, raising=False)
     cuda = torch.device("cuda", 0)
-    assert launch.triton_features(_problem(1024, head_dim=64, max_tk=1024), cuda) == frozenset()
+    assert launch.triton_features(_problem(1024, head_dim=64, max_tk=1024), cuda) == {"gluon_bwd"}
     assert launch.triton_features(_problem(512, head_dim=64, max_tk=1024), cuda) == {"tma", "flat"}
-    assert launch.triton_features(_problem(1024, max_tk=1024), cuda) == {"tma_dq"}
-    assert launch.triton_features(_problem(2048, max_tk=2048), cuda) == {"gluon_fwd", "tma_dq"}
+    assert launch.triton_features(_problem(1024, max_tk=1024), cuda) == {"gluon_fwd", "gluon_bwd", "tma_dq"}
+    assert launch.triton_features(_problem(2048, max_tk=2048), cuda) == {"gluon_fwd", "gluon_bwd", "tma_dq"}
 
 
 def test_interpreter_runs_the_plain_kernels_by_default(monkeypatch):

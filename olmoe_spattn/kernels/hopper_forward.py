@@ -27,55 +27,13 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
-from .common import key_block_ranges, keys_used, load_intervals, tile_is_full, tile_keys_all_used
-
-# names that changed after Triton 3.6: the TMA tile load (``async_copy_global_to_shared`` ->
-# ``async_load``) and the CTA-wide barrier (``thread_barrier`` -> ``barrier``)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-
-
-@gluon.constexpr_function
-def _blocked_rows_layout(head_dim, num_warps):
-    """A register layout for a ``[rows, head_dim]`` tile with 16-byte vectors along D."""
-    lanes_d = max(1, min(32, head_dim // 8))
-    return gl.BlockedLayout([1, 8], [32 // lanes_d, lanes_d], [num_warps, 1], [1, 0])
-
-
-@gluon.jit
-def _in_interval(i_pos, j_pos, lo, hi):
-    """``lo <= i - j < hi`` for every pair: one subtract and one unsigned compare."""
-    d = gl.expand_dims(i_pos - lo, 1) - gl.expand_dims(j_pos, 0)
-    return d.to(gl.uint32, bitcast=True) < (hi - lo).to(gl.uint32, bitcast=True)
-
-
-@gluon.jit
-def _pair_mask(i_pos, j_pos, i_end, tk, lo0, hi0, lo1, hi1):
-    """``[len(i_pos), len(j_pos)]`` allowed pairs (as :func:`common.pair_mask_flat`)."""
-    ok = _in_interval(i_pos, j_pos, lo0, hi0) | _in_interval(i_pos, j_pos, lo1, hi1)
-    ok = ok & gl.expand_dims(j_pos < tk, 0)
-    return ok & gl.expand_dims(i_pos < i_end, 1)
-
-
-@gluon.jit
-def _issue_load(desc, row, col, bars, ring, slot, pred):
-    """TMA load of one ``[rows, D]`` tile into ``ring[slot]``, completing ``bars[slot]``."""
-    bar = bars.index(slot)
-    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-    _tma_load(desc, [row, col], bar, ring.index(slot), pred=pred)
-
-
-@gluon.jit
-def _key_block(t, n0, a0, a1):
-    """Key block of the ``t``-th tile of the walk: range 0 first, then range 1."""
-    return gl.where(t < n0, a0 + t, a1 + (t - n0))
+from .common import key_block_ranges, load_intervals, pair_mask_flat, tile_is_full
+from .hopper_common import blocked_rows_layout, issue_load, tma_load, walk_block, zero_unused_key_rows
 
 
 @gluon.jit
@@ -130,7 +88,7 @@ def fwd_kernel_sm90(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    v_reg_layout: gl.constexpr = _blocked_rows_layout(HEAD_DIM, num_warps)
+    v_reg_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -153,11 +111,11 @@ def fwd_kernel_sm90(
     q_col = h * HEAD_DIM
     kv_col = h_kv * HEAD_DIM
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
+    tma_load(q_desc, [q_row, q_col], q_bar, q_smem)
     for s in gl.static_range(STAGES):  # fill the rings
-        row = kv_row0 + _key_block(s, n0, a0, a1) * BLOCK_N
-        _issue_load(k_desc, row, kv_col, k_bars, k_ring, s, s < n_tot)
-        _issue_load(v_desc, row, kv_col, v_bars, v_ring, s, s < n_tot)
+        row = kv_row0 + walk_block(s, n0, a0, a1) * BLOCK_N
+        issue_load(k_desc, row, kv_col, k_bars, k_ring, s, s < n_tot)
+        issue_load(v_desc, row, kv_col, v_bars, v_ring, s, s < n_tot)
 
     qk_scale = sm_scale * 1.4426950408889634
     i_pos = i0 + gl.arange(0, BLOCK_M, layout=row_s)  # query positions in key coordinates
@@ -170,12 +128,12 @@ def fwd_kernel_sm90(
 
     if n_tot > 0:
         # tile 0: scores and softmax only; its P·V is issued with tile 1's scores
-        kb = _key_block(0, n0, a0, a1)
+        kb = walk_block(0, n0, a0, a1)
         mbarrier.wait(k_bars.index(0), 0)
         s_acc = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
         s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
         nxt = STAGES
-        _issue_load(k_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
+        issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
         s_acc = _mask_tile(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
                            lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
         m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
@@ -190,14 +148,14 @@ def fwd_kernel_sm90(
             phase = (t // STAGES) & 1
             prev = (t - 1) % STAGES
             prev_phase = ((t - 1) // STAGES) & 1
-            kb = _key_block(t, n0, a0, a1)
+            kb = walk_block(t, n0, a0, a1)
             mbarrier.wait(k_bars.index(slot), phase)
             s_acc = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_acc, use_acc=False, is_async=True)
             mbarrier.wait(v_bars.index(prev), prev_phase)
             acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
             s_acc = warpgroup_mma_wait(1, deps=(s_acc,))  # the scores (issued first) are done
             nxt = t + STAGES
-            _issue_load(k_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, slot,
+            issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, slot,
                         nxt < n_tot)
             s_acc = _mask_tile(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
                                lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
@@ -209,7 +167,7 @@ def fwd_kernel_sm90(
             m_i = m_new
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
             nxt = t - 1 + STAGES
-            _issue_load(v_desc, kv_row0 + _key_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, v_bars, v_ring, prev,
+            issue_load(v_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, v_bars, v_ring, prev,
                         nxt < n_tot)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -246,14 +204,7 @@ def _mask_tile(s_acc, v_ring, v_bars, slot, phase, j0, i0, i1, i_pos, offs_n, i_
     """Scores of one key tile with disallowed pairs at ``-inf``; on tiles where some key is
     attended by no row, that key's value row is zeroed in ``v_ring[slot]`` (after its load)."""
     if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-        allowed = _pair_mask(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
+        allowed = pair_mask_flat(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
         s_acc = gl.where(allowed, s_acc, float("-inf"))
-        if not tile_keys_all_used(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-            mbarrier.wait(v_bars.index(slot), phase)
-            v_tile = v_ring.index(slot).load(v_reg_layout)
-            keys = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_reg_layout))
-            keep = keys_used(keys, i0, i1, tk, lo0, hi0, lo1, hi1)
-            v_ring.index(slot).store(gl.where(gl.expand_dims(keep, 1), v_tile, 0.0))
-            fence_async_shared()
-            _cta_barrier()
+        zero_unused_key_rows(v_ring, v_bars, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
     return s_acc

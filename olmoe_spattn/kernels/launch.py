@@ -5,8 +5,9 @@ Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (o
 with ``bench sweep --variants`` and per-kernel sweeps, see ``NOTES.md``): ``tma`` and ``flat``
 in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and less
 than the sequence (head dims 64 and 128; 1.1-1.5x forward there, 0.64-0.9x on wider bands and
-dense), ``gluon_fwd`` on SM90 for wider bands (1.19-1.59x forward), and ``tma_dq`` in the
-two-pass backward for head dim 128 (1.14-1.28x on the dQ kernel for every measured band
+dense), on SM90 ``gluon_fwd`` for wider bands and at head dim 128 (1.3-1.9x forward) and
+``gluon_bwd`` for bands wider than ``AUTO_GLUON_BWD_MIN_EXTENT``, and ``tma_dq`` in the Triton
+dQ kernel for head dim 128 (1.14-1.28x on the dQ kernel for every measured band
 width). ``none`` (or an empty value) gives the plain kernels; a
 comma-separated list forces exactly those features:
 
@@ -27,6 +28,8 @@ comma-separated list forces exactly those features:
   asynchronous warpgroup MMAs, the softmax of one key tile overlapping the P·V MMA of the
   previous one) on SM90 GPUs for bf16/fp16 calls with head dim 64 or 128 whose tensors a
   descriptor can read (as for ``tma``); other calls keep the Triton forward.
+* ``gluon_bwd``: both passes of the two-pass backward (dQ, then dK/dV) run the Gluon Hopper
+  kernels (``hopper_backward.py``) under the same conditions.
 
 Triton's automatic warp specialization of the forward's key loop was measured too (0.37-0.59x,
 and NaN at one launch config; ``NOTES.md``) and is not offered.
@@ -52,11 +55,14 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "gluon_fwd")
+TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "gluon_fwd", "gluon_bwd")
 
 
 #: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
 AUTO_FLAT_MAX_EXTENT = 1024
+
+#: Band width (distinct distances per head) above which the automatic choice takes ``gluon_bwd`` on SM90.
+AUTO_GLUON_BWD_MIN_EXTENT = 512
 
 
 def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
@@ -68,12 +74,18 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
         return frozenset()
     # dQ kernel: descriptor loads of K and V measured 1.14-1.28x at head dim 128 (64: not measured)
     chosen = {"tma_dq"} if p.block_d == 128 else set()
-    # Gluon Hopper forward: 1.19-1.59x the Triton forward on bands wider than 1024 distances
-    if p.extent > AUTO_FLAT_MAX_EXTENT and torch.cuda.get_device_capability(device)[0] == 9:
+    hopper = torch.cuda.get_device_capability(device)[0] == 9  # the Gluon kernels' warpgroup MMAs
+    wide = p.extent > AUTO_FLAT_MAX_EXTENT
+    # Gluon forward: 1.35-1.7x the Triton forward on wide bands, ahead of tma+flat at head dim 128 on
+    # narrow ones; at head dim 64 narrow bands tie or favour tma+flat
+    if hopper and (wide or p.block_d == 128):
         chosen.add("gluon_fwd")
+    # Gluon backward passes: 1.04-1.06x fwd+bwd from 513 distances on, 0.96x at 256
+    if hopper and p.extent > AUTO_GLUON_BWD_MIN_EXTENT:
+        chosen.add("gluon_bwd")
     # a band as wide as the sequence is causal attention: mostly full tiles, where the
     # branch-free masking loses (measured 0.64-0.71x forward on dense)
-    if p.extent <= AUTO_FLAT_MAX_EXTENT and p.extent < p.max_tk:
+    if p.extent <= AUTO_FLAT_MAX_EXTENT and p.extent < p.max_tk and "gluon_fwd" not in chosen:
         chosen |= {"tma", "flat"}
     return frozenset(chosen)
 
@@ -174,7 +186,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     features = triton_features(p, q.device)
-    if "gluon_fwd" in features and sm90_forward_ok(q, k, v, p):
+    if "gluon_fwd" in features and sm90_ok(p, q, k, v):
         run_forward_sm90(q, k, v, out, lse, p)
         return out, lse
     extra = {}
@@ -195,34 +207,45 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
     return out, lse
 
 
-def sm90_forward_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> bool:
-    """Whether the Gluon Hopper forward can run this call: an SM90 GPU (its warpgroup MMAs do
+def sm90_ok(p: Problem, *tensors: torch.Tensor) -> bool:
+    """Whether the Gluon Hopper kernels can run this call: an SM90 GPU (their warpgroup MMAs do
     not exist elsewhere), bf16/fp16, head dim 64 or 128, tensors a descriptor can read."""
+    x = tensors[0]
     return (
-        not interpreting() and q.is_cuda and cuda_major() == 9 and q.dtype in (torch.bfloat16, torch.float16)
-        and p.head_dim in (64, 128) and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v))
+        not interpreting() and x.is_cuda and cuda_major() == 9 and x.dtype in (torch.bfloat16, torch.float16)
+        and p.head_dim in (64, 128) and all(tma_ok(t, p.head_dim, p.block_d) for t in tensors)
     )
+
+
+def sm90_descriptor(x: torch.Tensor, rows: int):
+    """Gluon TMA descriptor over ``x [B, T, H, D]`` viewed as ``[B * T, H * D]``, ``[rows, D]`` tiles."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    b, t, h, d = x.shape
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [rows, d], layout)
+
+
+def _launch_sm90(kind: str, p: Problem, dtype: torch.dtype, run) -> None:
+    """Runs ``run(config)`` with the fixed Gluon config of ``kind``, or the tuned one."""
+    cfg = fixed_config(kind, p.block_d, p.extent)
+    if autotune_enabled():
+        key = (dtype, p.block_d, p.is_varlen, p.group > 1, tuning_key(p.block_d, p.extent, p.is_varlen), _work_bucket(p))
+        cfg = pick(kind, key, cfg, p.block_d, run)
+    run(cfg)
 
 
 def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      p: Problem) -> None:
     """The forward through :func:`hopper_forward.fwd_kernel_sm90` into ``out`` and ``lse``."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from .hopper_forward import fwd_kernel_sm90
-
-    elt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def descriptor(x: torch.Tensor, rows: int):
-        b, t, h, d = x.shape
-        layout = gl.NVMMASharedLayout.get_default_for([rows, d], elt)
-        return TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [rows, d], layout)
 
     def run(c: LaunchConfig):
         grid = (triton.cdiv(p.max_tq, c.block_m), p.n_heads, p.z)
         return fwd_kernel_sm90[grid](
-            descriptor(q, c.block_m), descriptor(k, c.block_n), descriptor(v, c.block_n), out, lse, p.table, p.cu,
+            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+            out, lse, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             p.table_doc_stride,
@@ -233,12 +256,53 @@ def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
             IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
         )
 
-    cfg = fixed_config("fwd_sm90", p.block_d, p.extent)
-    if autotune_enabled():
-        key = (q.dtype, p.block_d, p.is_varlen, p.group > 1, tuning_key(p.block_d, p.extent, p.is_varlen),
-               _work_bucket(p))
-        cfg = pick("fwd_sm90", key, cfg, p.block_d, run)
-    run(cfg)
+    _launch_sm90("fwd_sm90", p, q.dtype, run)
+
+
+def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
+    """dQ and ``delta`` through :func:`hopper_backward.dq_kernel_sm90` (as :func:`run_dq`)."""
+    from .hopper_backward import dq_kernel_sm90
+
+    def run(c: LaunchConfig):
+        grid = (triton.cdiv(p.max_tq, c.block_m), p.n_heads, p.z)
+        return dq_kernel_sm90[grid](
+            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+            sm90_descriptor(do, c.block_m), out, dq, lse, lse if dlse is None else dlse, delta, p.table, p.cu,
+            out.stride(0), out.stride(1), out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            lse.stride(0), lse.stride(1),
+            p.table_doc_stride,
+            p.tq, p.tk, p.q_offset,
+            p.group,
+            p.scale,
+            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
+            IS_VARLEN=p.is_varlen, HAS_DLSE=dlse is not None, num_warps=c.num_warps,
+        )
+
+    _launch_sm90("dq_sm90", p, q.dtype, run)
+
+
+def run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
+    """dK and dV through :func:`hopper_backward.dkdv_kernel_sm90` (``delta`` from :func:`run_dq`)."""
+    from .hopper_backward import dkdv_kernel_sm90
+
+    def run(c: LaunchConfig):
+        grid = (triton.cdiv(p.max_tk, c.block_n), p.n_kv_heads, p.z)
+        return dkdv_kernel_sm90[grid](
+            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+            sm90_descriptor(do, c.block_m), dk, dv, lse, delta, p.table, p.cu,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            lse.stride(0), lse.stride(1),
+            p.table_doc_stride,
+            p.tq, p.tk, p.q_offset,
+            p.group,
+            p.scale,
+            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
+            IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
+        )
+
+    _launch_sm90("dkdv_sm90", p, q.dtype, run)
 
 
 def _bwd_const(p: Problem) -> dict:
@@ -262,9 +326,12 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
+    features = triton_features(p, q.device)
+    if "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
+        run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p)
+        return
     extra = {}
     descriptors = None
-    features = triton_features(p, q.device)
     if features & {"tma_dq", "tma_bwd"} and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
         extra = dict(USE_TMA=True)
 
@@ -311,6 +378,9 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
     ]
     extra = {}
     features = triton_features(p, q.device, atomic_dq=dq_acc is not None)
+    if dq_acc is None and "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
+        run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p)
+        return
     streamed = []  # (argument index, tensor): read or reduced through [BLOCK_M, D] descriptors
     if "tma_bwd" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
         extra["USE_TMA"] = True

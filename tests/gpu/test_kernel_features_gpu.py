@@ -19,8 +19,8 @@ pytestmark = pytest.mark.gpu
 
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
 VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,tma_dq", (64, 64, 4, 3)),
-            ("gluon_fwd", None), ("gluon_fwd", (64, 64, 4, 2)), ("gluon_fwd", (128, 64, 8, 4)),
-            ("gluon_fwd", (128, 128, 8, 2))]
+            ("gluon_fwd", None), ("gluon_fwd", (128, 64, 8, 3)), ("gluon_fwd,gluon_bwd", None),
+            ("gluon_bwd", (64, 64, 4, 2)), ("gluon_bwd", (64, 128, 8, 2))]
 
 
 def _inputs(b, t, h, hkv, d, dtype, seed=0):
@@ -56,28 +56,41 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
 
     monkeypatch.setenv("OLMOE_SPATTN_AUTOTUNE", "0")
     monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", features)
-    made, gluon_calls = [], []
+    made, gluon_calls, gluon_bwd_calls = [], [], []
     real_desc = launch.tma_descriptor
     monkeypatch.setattr(launch, "tma_descriptor", lambda *a: made.append(a[1:]) or real_desc(*a))
     real_sm90 = launch.run_forward_sm90
     monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: gluon_calls.append(1) or real_sm90(*a))
+    real_bwd = launch.run_dkdv_sm90
+    monkeypatch.setattr(launch, "run_dkdv_sm90", lambda *a: gluon_bwd_calls.append(1) or real_bwd(*a))
     if config is not None:
         real = launch.fixed_config
         cfg = autotune.LaunchConfig(*config)
         monkeypatch.setattr(
-            launch, "fixed_config", lambda kind, d, e: cfg if kind in ("fwd", "fwd_sm90") else real(kind, d, e)
+            launch, "fixed_config",
+            lambda kind, d, e: cfg if kind in ("fwd", "fwd_sm90", "dq_sm90", "dkdv_sm90") else real(kind, d, e),
         )
     spec, q, k, v, kw = _case(case, dtype)
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert bool(made) == ("tma" in features), "the TMA path was (not) taken"
     assert bool(gluon_calls) == ("gluon_fwd" in features), "the Gluon Hopper forward was (not) taken"
+    assert bool(gluon_bwd_calls) == ("gluon_bwd" in features), "the Gluon Hopper dK/dV pass was (not) taken"
     # and the same numbers as the default kernel, up to accumulation order
-    out = triton_band_attention(q.detach(), k.detach(), v.detach(), spec, **kw)
-    monkeypatch.delenv("OLMOE_SPATTN_TRITON_FEATURES")
-    want = triton_band_attention(q.detach(), k.detach(), v.detach(), spec, **kw)
-    assert torch.isfinite(out).all()
-    err = (out.float() - want.float()).abs().max().item()
-    assert err <= (2e-2 if dtype == torch.bfloat16 else 4e-3), err
+    go = torch.randn_like(q)
+    got = _out_and_grads(triton_band_attention, spec, q, k, v, go, kw)
+    monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", "none")
+    want = _out_and_grads(triton_band_attention, spec, q, k, v, go, kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= (2e-2 if dtype == torch.bfloat16 else 4e-3) * max(1.0, b.float().abs().max().item()), (name, err)
+
+
+def _out_and_grads(fn, spec, q, k, v, go, kw):
+    """``(out, dq, dk, dv)`` of one call with output gradient ``go``."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, spec, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), go))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,0 +1,346 @@
+"""dK/dV band kernel for Hopper (SM90), written in Gluon: TMA rings and async wgmma.
+
+The second pass of the two-pass backward (after :func:`backward.dq_kernel`, which stores
+``delta``), with the same geometry and results as :func:`backward.dkdv_kernel`: one program per
+(key tile, kv head, batch row or packed document); for each query head of the GQA group it walks
+the query blocks that see the tile (at most two ranges, the mirror image of the forward's).
+
+* K and V of the tile are loaded once by TMA and stay in shared memory as the A operands of
+  ``S^T = K Q^T`` and ``dP^T = V dO^T``; Q and dO tiles stream through ``STAGES``-deep rings,
+  each slot with its own mbarrier.
+* Per query block: both score MMAs are issued asynchronously back to back; ``P^T`` is computed
+  while ``dP^T`` is still on the tensor cores; ``dV += P^T dO`` is issued and runs while ``dS^T``
+  is computed; then ``dK += dS^T Q``. ``P^T`` and ``dS^T`` stay in registers as A operands.
+* Edge tiles take the exact element mask (``P^T`` and ``dS^T`` are 0 outside the band). On a
+  sequence's last query block, the Q and dO rows past its end (the next batch row's or document's,
+  read by the 2-D descriptor) are zeroed in shared memory, so they add exactly 0.
+
+Requires head dim 64 or 128 (the tile's D), bf16 or fp16.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+from .common import (
+    key_block_ranges,
+    load_intervals,
+    pair_mask_flat,
+    pair_mask_t,
+    query_block_ranges,
+    sequence_geometry,
+    tile_is_full,
+)
+from .hopper_common import (
+    blocked_rows_layout,
+    cta_barrier,
+    issue_load,
+    tma_load,
+    walk_block,
+    zero_unused_key_rows,
+)
+
+
+@gluon.jit
+def _zero_rows_past_end(ring, slot, first_row, tq, BLOCK_M: gl.constexpr, reg_layout: gl.constexpr):
+    """Zeroes the rows ``>= tq`` of the ``[BLOCK_M, D]`` tile ``ring[slot]`` whose first row is ``first_row``."""
+    tile = ring.index(slot).load(reg_layout)
+    rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, reg_layout))
+    ring.index(slot).store(gl.where(gl.expand_dims(rows < tq, 1), tile, 0.0))
+
+
+@gluon.jit
+def dkdv_kernel_sm90(
+    q_desc, k_desc, v_desc, do_desc, DK, DV, Lse, Delta, Table, CuSeq,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh,
+    table_doc_stride,
+    tq_arg, tk_arg, q_off_arg,
+    group,
+    sm_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    gl.static_assert(STAGES >= 1)
+    n = gl.program_id(0)
+    h_kv = gl.program_id(1)
+    z = gl.program_id(2)
+    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
+        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
+    )
+    if n * BLOCK_N >= tk:
+        return
+    j0 = n * BLOCK_N
+    j1 = gl.minimum(j0 + BLOCK_N - 1, tk - 1)
+
+    # ---------------------------------------------------------------- layouts
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+    )  # [BLOCK_N, BLOCK_M] transposed scores
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )  # [BLOCK_N, HEAD_DIM] dK, dV accumulators
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    rows_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
+    key_s: gl.constexpr = gl.SliceLayout(1, st_layout)
+    query_s: gl.constexpr = gl.SliceLayout(0, st_layout)
+    dtype: gl.constexpr = q_desc.dtype
+
+    # ---------------------------------------------------------------- shared memory, barriers
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_bars.index(s), count=1)
+        mbarrier.init(do_bars.index(s), count=1)
+
+    kv_row = (b * tk + seq_start + j0).to(gl.int32)
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma_load(k_desc, [kv_row, h_kv * HEAD_DIM], kv_bar, k_smem)
+    tma_load(v_desc, [kv_row, h_kv * HEAD_DIM], kv_bar, v_smem)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    keys = j0 + gl.arange(0, BLOCK_N, layout=key_s)
+    offs_m0 = gl.arange(0, BLOCK_M, layout=query_s)
+    q_row0 = (b * tq + seq_start).to(gl.int32)  # row of [B * Tq (or total), H * D]
+    st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dpt = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    it = 0  # tiles consumed so far (all heads): ring slot and phase
+    for g in range(0, group):
+        h = h_kv * group + g
+        lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
+        c0, n0, c1, n1 = query_block_ranges(j0, j1, tq, q_off, lo0, hi0, lo1, hi1, BLOCK_M)
+        n_q = n0 + n1
+        col = h * HEAD_DIM
+        l_base = Lse + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
+        d_base = Delta + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
+        for s in gl.static_range(STAGES):  # fill the rings (empty: every earlier tile is done)
+            slot = (it + s) % STAGES
+            row = q_row0 + walk_block(s, n0, c0, c1) * BLOCK_M
+            issue_load(q_desc, row, col, q_bars, q_ring, slot, s < n_q)
+            issue_load(do_desc, row, col, do_bars, do_ring, slot, s < n_q)
+        for t in range(0, n_q):
+            slot = it % STAGES
+            phase = (it // STAGES) & 1
+            mb = walk_block(t, n0, c0, c1)
+            offs_m = mb * BLOCK_M + offs_m0  # rows relative to the sequence
+            row_ok = offs_m < tq
+            lse = gl.load(l_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+            delta = gl.load(d_base + offs_m, mask=row_ok, other=0.0)
+            mbarrier.wait(q_bars.index(slot), phase)
+            mbarrier.wait(do_bars.index(slot), phase)
+            if mb * BLOCK_M + BLOCK_M > tq:  # rows past the end: another sequence's, zeroed
+                _zero_rows_past_end(q_ring, slot, mb * BLOCK_M, tq, BLOCK_M, rows_layout)
+                _zero_rows_past_end(do_ring, slot, mb * BLOCK_M, tq, BLOCK_M, rows_layout)
+                fence_async_shared()
+                cta_barrier()
+            st = warpgroup_mma(k_smem, q_ring.index(slot).permute((1, 0)), st, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(v_smem, do_ring.index(slot).permute((1, 0)), dpt, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st,))
+            pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+            i0 = mb * BLOCK_M + q_off
+            i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+            full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+            allowed = (gl.expand_dims(keys, 1) >= 0) & (gl.expand_dims(offs_m0, 0) >= 0)  # edge tiles replace it
+            if not full:
+                allowed = pair_mask_t(keys, offs_m + q_off, q_off + tq, tk, lo0, hi0, lo1, hi1)
+                pt = gl.where(allowed, pt, 0.0)
+            dpt = warpgroup_mma_wait(0, deps=(dpt,))
+            dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_ring.index(slot), dv, is_async=True)
+            dst = pt * (dpt - gl.expand_dims(delta, 0))
+            if not full:  # a non-finite value of a key outside the band never reaches dK
+                dst = gl.where(allowed, dst, 0.0)
+            dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_ring.index(slot), dk, is_async=True)
+            dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))  # the slot's Q and dO are read: refill it
+            nxt = t + STAGES
+            row = q_row0 + walk_block(nxt, n0, c0, c1) * BLOCK_M
+            issue_load(q_desc, row, col, q_bars, q_ring, slot, nxt < n_q)
+            issue_load(do_desc, row, col, do_bars, do_ring, slot, nxt < n_q)
+            it += 1
+
+    mbarrier.invalidate(kv_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(q_bars.index(s))
+        mbarrier.invalidate(do_bars.index(s))
+
+    # ---------------------------------------------------------------- epilogue
+    keys_o = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    kv_mask = gl.expand_dims(keys_o < tk, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0)
+    rows = gl.expand_dims((seq_start + keys_o).to(gl.int64), 1)
+    dk_ptrs = DK + b.to(gl.int64) * stride_dkb + rows * stride_dkt + h_kv * stride_dkh + gl.expand_dims(offs_d, 0)
+    gl.store(dk_ptrs, (dk * sm_scale).to(dtype), mask=kv_mask)
+    dv_ptrs = DV + b.to(gl.int64) * stride_dvb + rows * stride_dvt + h_kv * stride_dvh + gl.expand_dims(offs_d, 0)
+    gl.store(dv_ptrs, dv.to(dtype), mask=kv_mask)
+
+
+@gluon.jit
+def dq_kernel_sm90(
+    q_desc, k_desc, v_desc, do_desc, Out, DQ, Lse, DLse, Delta, Table, CuSeq,
+    stride_ob, stride_ot, stride_oh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    table_doc_stride,
+    tq_arg, tk_arg, q_off_arg,
+    group,
+    sm_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    IS_VARLEN: gl.constexpr,
+    HAS_DLSE: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """The first pass of the two-pass backward (as :func:`backward.dq_kernel`): dQ of one query
+    tile over the key blocks it sees, and ``delta = rowsum(dO * O) - dlse`` for its rows (stored
+    for the dK/dV pass). Q and dO stay in shared memory, K and V stream through rings; per key
+    tile ``S = Q K^T`` and ``dP = dO V^T`` are issued back to back, ``P`` is computed while
+    ``dP`` runs, and ``dQ += dS K`` stays in flight until the next tile's scores are issued.
+    Edge tiles mask ``P`` and ``dS``; key rows no query row attends are zeroed in shared memory."""
+    m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
+    h = gl.program_id(1)
+    z = gl.program_id(2)
+    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
+        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
+    )
+    if m * BLOCK_M >= tq:
+        return
+    h_kv = h // group
+    lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
+    i0 = m * BLOCK_M + q_off
+    i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    i_end = q_off + tq
+    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    n_tot = n0 + n1
+
+    # ---------------------------------------------------------------- layouts
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    rows_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dtype: gl.constexpr = q_desc.dtype
+
+    # ---------------------------------------------------------------- shared memory, barriers
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(s), count=1)
+        mbarrier.init(v_bars.index(s), count=1)
+
+    q_row = (b * tq + seq_start + m * BLOCK_M).to(gl.int32)
+    kv_row0 = (b * tk + seq_start).to(gl.int32)
+    kv_col = h_kv * HEAD_DIM
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma_load(q_desc, [q_row, h * HEAD_DIM], q_bar, q_smem)
+    tma_load(do_desc, [q_row, h * HEAD_DIM], q_bar, do_smem)
+    for s in gl.static_range(STAGES):  # fill the rings
+        row = kv_row0 + walk_block(s, n0, a0, a1) * BLOCK_N
+        issue_load(k_desc, row, kv_col, k_bars, k_ring, s, s < n_tot)
+        issue_load(v_desc, row, kv_col, v_bars, v_ring, s, s < n_tot)
+
+    # delta = rowsum(dO * O) (minus d lse: d lse_i / d s_ij = P_ij), kept for the dK/dV pass
+    offs_mr = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_layout))
+    offs_dr = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
+    o_rows = gl.expand_dims((seq_start + offs_mr).to(gl.int64) * stride_ot, 1)
+    o_mask = gl.expand_dims(offs_mr < tq, 1) & gl.expand_dims(offs_dr < HEAD_DIM, 0)
+    o = gl.load(Out + b.to(gl.int64) * stride_ob + o_rows + h * stride_oh + gl.expand_dims(offs_dr, 0),
+                mask=o_mask, other=0.0)
+    mbarrier.wait(q_bar, 0)
+    do_r = gl.where(o_mask, do_smem.load(rows_layout), 0.0)
+    delta_r = gl.sum(o.to(gl.float32) * do_r.to(gl.float32), 1)
+    l_off_r = b.to(gl.int64) * stride_lb + h * stride_lh + seq_start + offs_mr
+    if HAS_DLSE:
+        dlse = gl.load(DLse + l_off_r, mask=offs_mr < tq, other=0.0)
+        delta_r -= gl.where(gl.abs(dlse) < float("inf"), dlse, 0.0)
+    gl.store(Delta + l_off_r, delta_r, mask=offs_mr < tq)
+    delta = gl.convert_layout(delta_r, row_s)
+
+    offs_m = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    i_pos = offs_m + q_off
+    lse = gl.load(Lse + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start + offs_m, mask=offs_m < tq,
+                  other=float("inf")) * 1.4426950408889634
+    lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+    qk_scale = sm_scale * 1.4426950408889634
+    s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    dp = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    # carried through the loop as an in-flight MMA result (the wait comes with the next tile's scores)
+    dq = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout))
+
+    for t in range(0, n_tot):
+        slot = t % STAGES
+        phase = (t // STAGES) & 1
+        j0 = walk_block(t, n0, a0, a1) * BLOCK_N
+        full = tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+        if not full:  # before any MMA reads the tile
+            zero_unused_key_rows(k_ring, k_bars, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N, rows_layout)
+        mbarrier.wait(k_bars.index(slot), phase)
+        s_acc = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+        mbarrier.wait(v_bars.index(slot), phase)
+        dp = warpgroup_mma(do_smem, v_ring.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        # groups in flight: [dQ of tile t - 1,] S, dP -> the first two are done
+        dq, s_acc = warpgroup_mma_wait(1, deps=(dq, s_acc))
+        prev = (t - 1 + STAGES) % STAGES  # tile t - 1 is fully read: refill its slots
+        nxt = t - 1 + STAGES
+        row = kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N
+        issue_load(k_desc, row, kv_col, k_bars, k_ring, prev, (t > 0) & (nxt < n_tot))
+        issue_load(v_desc, row, kv_col, v_bars, v_ring, prev, (t > 0) & (nxt < n_tot))
+        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(lse, 1))
+        allowed = (gl.expand_dims(i_pos, 1) >= 0) & (gl.expand_dims(offs_n, 0) >= 0)  # edge tiles replace it
+        if not full:
+            allowed = pair_mask_flat(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
+            p = gl.where(allowed, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        if not full:  # a non-finite value of a key outside the band never reaches dQ
+            ds = gl.where(allowed, ds, 0.0)
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_ring.index(slot), dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(s))
+        mbarrier.invalidate(v_bars.index(s))
+
+    offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+    dq_ptrs = (DQ + b.to(gl.int64) * stride_dqb + gl.expand_dims((seq_start + offs_mo).to(gl.int64) * stride_dqt, 1)
+               + h * stride_dqh + gl.expand_dims(offs_do, 0))
+    dq_mask = gl.expand_dims(offs_mo < tq, 1) & gl.expand_dims(offs_do < HEAD_DIM, 0)
+    gl.store(dq_ptrs, (dq * sm_scale).to(dtype), mask=dq_mask)

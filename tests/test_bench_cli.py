@@ -158,7 +158,9 @@ def test_sweep_drives_every_kernel_kind_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(autotune, "_SPACE", {kind: space[:1] for kind, space in autotune._SPACE.items()})
     lines = modes.sweep([(1, 2, 32, 16)], ["exclusive_bands"], 1.0, device="cpu")
     kinds = {line.split(" | ")[2] for line in lines[2:]}
-    assert kinds == set(autotune._SPACE) - {"decode"}, lines
+    gluon = {"fwd_sm90", "dq_sm90", "dkdv_sm90"}  # timed only where they run: SM90 GPUs
+    assert gluon <= set(autotune._SPACE)
+    assert kinds == set(autotune._SPACE) - {"decode"} - gluon, lines
     assert all("inf" not in line and "Error" not in line for line in lines[2:]), lines
 
 
@@ -167,7 +169,7 @@ def test_recorded_command_line_keeps_options_and_drops_output_paths(argv0):
     """Results record the command however it was started, without the machine's paths."""
     from olmoe_spattn.bench.report import command_line
 
-    argv = [argv0, "bench", "table2", "--seq-lens", "4096,16384", "--out", "/tmp/t", "--out-dir=/x", "--fresh"]
+    argv = [argv0, "bench", "table2", "--seq-lens", "4096,16384", "--out", "/tmp/t", "--out-dir=/x", "--fresh", "--json", "/j"]
     assert command_line(argv, "table2") == "olmoe-spattn bench table2 --seq-lens 4096,16384 --fresh"
 
 

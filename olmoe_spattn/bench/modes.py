@@ -1,7 +1,8 @@
 """``bench sweep``, ``bench decode`` and ``bench overhead``: the Triton band kernel alone, on CUDA.
 
-  sweep     every launch configuration of the tuned space (forward, dQ, dK/dV, dK/dV+dQ kernels),
-            per shape and pattern, autotuning off: the data behind the kernels' fixed choices;
+  sweep     every launch configuration of the tuned space (forward, dQ, dK/dV, dK/dV+dQ kernels,
+            and on SM90 the Gluon forward, dQ and dK/dV kernels), per shape and pattern,
+            autotuning off: the data behind the kernels' fixed choices;
             with --variants, instead the kernels with and without opt-in features
             (``OLMOE_SPATTN_TRITON_FEATURES``) side by side (``features.py``)
   decode    one decode step (one query against a KV cache of Tk keys) vs SDPA's dense decode
@@ -102,6 +103,13 @@ def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda",
                     "dkdv": lambda: launch.run_dkdv(g, q, k, v, lse, delta, dk, dv, p),  # noqa: B023
                     "dkdvdq": lambda: launch.run_dkdv(g, q, k, v, lse, delta, dk, dv, p, dq_acc=dq_acc),  # noqa: B023
                 }
+                if launch.sm90_ok(p, q, k, v):  # the Gluon Hopper kernels, called directly
+                    out2, lse2 = torch.empty_like(out), torch.empty_like(lse)
+                    calls.update({
+                        "fwd_sm90": lambda: launch.run_forward_sm90(q, k, v, out2, lse2, p),  # noqa: B023
+                        "dq_sm90": lambda: launch.run_dq_sm90(g, q, k, v, out, lse, None, delta, dq, p),  # noqa: B023
+                        "dkdv_sm90": lambda: launch.run_dkdv_sm90(g, q, k, v, lse, delta, dk, dv, p),  # noqa: B023
+                    })
                 for kind, space in autotune._SPACE.items():
                     if kind not in calls:  # a kernel kind this sweep does not know how to call
                         continue

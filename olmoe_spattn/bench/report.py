@@ -56,9 +56,9 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def command_line(argv: list[str], subcommand: str, paths: tuple[str, ...] = ("--out", "--out-dir")) -> str:
+def command_line(argv: list[str], subcommand: str, paths: tuple[str, ...] = ("--out", "--out-dir", "--json")) -> str:
     """``olmoe-spattn bench <subcommand> [options]`` as recorded in results, however it was
-    started (console script or ``python -m olmoe_spattn``), without output-folder options (a
+    started (console script or ``python -m olmoe_spattn``), without output-path options (a
     path on the machine that ran it)."""
     words = argv[argv.index(subcommand) + 1:] if subcommand in argv else []
     kept: list[str] = []

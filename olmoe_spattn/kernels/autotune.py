@@ -63,13 +63,16 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 
 # --------------------------------------------------------------------------- fixed choices
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
-    """The configuration used without autotuning. ``kind`` is fwd | fwd_sm90 | dq | dq_sm90 | dkdv | dkdv_sm90 | dkdvdq | decode.
+    """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode, or
+    fwd_sm90 | dq_sm90 | dkdv_sm90 for the Gluon Hopper kernels.
 
     Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`). The backward at
     head dim 128 on SM90+ follows per-kernel sweeps on an H200 (`bench sweep --features`,
     ``NOTES.md``): bands wider than 4096 distances take deeper pipelines (dQ 1.10x on dense with
     TMA loads, dK/dV 1.02-1.04x), narrower ones the small dK/dV tiles (1.09-1.14x at 2049
-    distances); the deep ones need Hopper's shared memory.
+    distances); the deep ones need Hopper's shared memory. The Gluon kernels (``*_sm90``) take one
+    warpgroup per block and two blocks per SM (H200 sweeps); the dK/dV one steps 32 queries at a
+    time up to 2048 distances (0.72 vs 0.81 ms at 513) and 64 beyond (8.7 vs 9.1 ms on dense 16384).
     """
     if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
         return LaunchConfig(16, 16, 4, 1)
@@ -84,7 +87,7 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     if kind == "dq_sm90":  # Gluon Hopper dQ: as the forward
         return LaunchConfig(64, 64, 4, 2)
     if kind == "dkdv_sm90":  # Gluon Hopper dK/dV: query step, keys per program, warps, ring depth
-        return LaunchConfig(64, 64, 4, 2)
+        return LaunchConfig(64, 64, 4, 2) if extent > 2048 else LaunchConfig(32, 64, 4, 2)
     if kind == "fwd":
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)

@@ -31,7 +31,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .common import (
-    key_block_ranges,
     load_intervals,
     pair_mask_flat,
     pair_mask_t,
@@ -43,6 +42,8 @@ from .hopper_common import (
     blocked_rows_layout,
     cta_barrier,
     issue_load,
+    mma_layout,
+    query_tile_keys,
     tma_load,
     walk_block,
     zero_unused_key_rows,
@@ -87,12 +88,8 @@ def dkdv_kernel_sm90(
     j1 = gl.minimum(j0 + BLOCK_N - 1, tk - 1)
 
     # ---------------------------------------------------------------- layouts
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-    )  # [BLOCK_N, BLOCK_M] transposed scores
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )  # [BLOCK_N, HEAD_DIM] dK, dV accumulators
+    st_layout: gl.constexpr = mma_layout(num_warps, BLOCK_M)  # [BLOCK_N, BLOCK_M] transposed scores
+    kv_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # [BLOCK_N, HEAD_DIM] dK, dV
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     rows_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
     key_s: gl.constexpr = gl.SliceLayout(1, st_layout)
@@ -231,19 +228,12 @@ def dq_kernel_sm90(
         return
     h_kv = h // group
     lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
-    i0 = m * BLOCK_M + q_off
-    i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
-    i_end = q_off + tq
-    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    i0, i1, i_end, a0, n0, a1, n1 = query_tile_keys(m, q_off, tq, tk, lo0, hi0, lo1, hi1, BLOCK_M, BLOCK_N)
     n_tot = n0 + n1
 
     # ---------------------------------------------------------------- layouts
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)  # [BLOCK_M, BLOCK_N] S, dP
+    dq_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # [BLOCK_M, HEAD_DIM] dQ
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
     rows_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)

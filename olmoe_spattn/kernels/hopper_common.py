@@ -6,7 +6,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from .common import keys_used, tile_keys_all_used
+from .common import key_block_ranges, keys_used, tile_keys_all_used
 
 # names that changed after Triton 3.6: the TMA tile load (``async_copy_global_to_shared`` ->
 # ``async_load``) and the CTA-wide barrier (``thread_barrier`` -> ``barrier``)
@@ -19,6 +19,22 @@ def blocked_rows_layout(head_dim, num_warps):
     """A register layout for a ``[rows, head_dim]`` tile with 16-byte vectors along D."""
     lanes_d = max(1, min(32, head_dim // 8))
     return gl.BlockedLayout([1, 8], [32 // lanes_d, lanes_d], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def mma_layout(num_warps, n):
+    """Accumulator layout of a warpgroup MMA with ``n`` output columns, warps stacked along rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def query_tile_keys(m, q_off, tq, tk, lo0, hi0, lo1, hi1, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """``(i0, i1, i_end, a0, n0, a1, n1)`` of query tile ``m``: its first and last row and the
+    first position past the sequence (key coordinates), and its two key-block ranges."""
+    i0 = m * BLOCK_M + q_off
+    i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
+    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    return i0, i1, q_off + tq, a0, n0, a1, n1
 
 
 @gluon.jit

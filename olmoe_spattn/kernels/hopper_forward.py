@@ -32,8 +32,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import key_block_ranges, load_intervals, pair_mask_flat, tile_is_full
-from .hopper_common import blocked_rows_layout, issue_load, tma_load, walk_block, zero_unused_key_rows
+from .common import load_intervals, pair_mask_flat, sequence_geometry, tile_is_full
+from .hopper_common import (
+    blocked_rows_layout,
+    issue_load,
+    mma_layout,
+    query_tile_keys,
+    tma_load,
+    walk_block,
+    zero_unused_key_rows,
+)
 
 
 @gluon.jit
@@ -56,37 +64,19 @@ def fwd_kernel_sm90(
     m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
     h = gl.program_id(1)
     z = gl.program_id(2)
-    if IS_VARLEN:
-        b = z * 0
-        seq_start = gl.load(CuSeq + z)
-        tq = gl.load(CuSeq + z + 1) - seq_start
-        tk = tq
-        q_off = 0
-        tab = Table + z * table_doc_stride + h * 4
-    else:
-        b = z
-        seq_start = z * 0
-        tq = tq_arg
-        tk = tk_arg
-        q_off = q_off_arg
-        tab = Table + h * 4
+    b, seq_start, tq, tk, q_off, tab = sequence_geometry(
+        z, CuSeq, Table, table_doc_stride, tq_arg, tk_arg, q_off_arg, IS_VARLEN
+    )
     if m * BLOCK_M >= tq:
         return
     h_kv = h // group
-    lo0, hi0, lo1, hi1 = load_intervals(tab)
-    i0 = m * BLOCK_M + q_off
-    i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
-    i_end = q_off + tq
-    a0, n0, a1, n1 = key_block_ranges(i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N)
+    lo0, hi0, lo1, hi1 = load_intervals(tab + h * 4)
+    i0, i1, i_end, a0, n0, a1, n1 = query_tile_keys(m, q_off, tq, tk, lo0, hi0, lo1, hi1, BLOCK_M, BLOCK_N)
     n_tot = n0 + n1
 
     # ---------------------------------------------------------------- layouts
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = mma_layout(num_warps, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
+    o_layout: gl.constexpr = mma_layout(num_warps, HEAD_DIM)  # [BLOCK_M, HEAD_DIM] output
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     v_reg_layout: gl.constexpr = blocked_rows_layout(HEAD_DIM, num_warps)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)

@@ -235,6 +235,18 @@ def sm90_descriptor(x: torch.Tensor, rows: int):
     return TensorDescriptor(x, [b * t, h * d], [x.stride(1), 1], [rows, d], layout)
 
 
+def _sm90_tail(p: Problem, lse: torch.Tensor) -> tuple:
+    """The arguments every Gluon kernel takes after its own tensors and strides: the log-sum-exp
+    (and delta) strides, the interval table's document stride, the sequence geometry, the scale."""
+    return (lse.stride(0), lse.stride(1), p.table_doc_stride, p.tq, p.tk, p.q_offset, p.group, p.scale)
+
+
+def _sm90_constexprs(p: Problem, c: LaunchConfig) -> dict:
+    """The compile-time arguments every Gluon kernel takes for one launch configuration."""
+    return dict(HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
+                IS_VARLEN=p.is_varlen, num_warps=c.num_warps)
+
+
 def _launch_sm90(kind: str, p: Problem, dtype: torch.dtype, run) -> None:
     """Runs ``run(config)`` with the fixed Gluon config of ``kind``, or the tuned one."""
     cfg = fixed_config(kind, p.block_d, p.extent)
@@ -255,13 +267,7 @@ def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
             sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
             out, lse, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            p.table_doc_stride,
-            p.tq, p.tk, p.q_offset,
-            p.group,
-            p.scale,
-            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
-            IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
+            *_sm90_tail(p, lse), **_sm90_constexprs(p, c),
         )
 
     _launch_sm90("fwd_sm90", p, q.dtype, run)
@@ -278,13 +284,7 @@ def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
             sm90_descriptor(do, c.block_m), out, dq, lse, lse if dlse is None else dlse, delta, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            lse.stride(0), lse.stride(1),
-            p.table_doc_stride,
-            p.tq, p.tk, p.q_offset,
-            p.group,
-            p.scale,
-            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
-            IS_VARLEN=p.is_varlen, HAS_DLSE=dlse is not None, num_warps=c.num_warps,
+            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), HAS_DLSE=dlse is not None,
         )
 
     _launch_sm90("dq_sm90", p, q.dtype, run)
@@ -301,13 +301,7 @@ def run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
             sm90_descriptor(do, c.block_m), dk, dv, lse, delta, p.table, p.cu,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            lse.stride(0), lse.stride(1),
-            p.table_doc_stride,
-            p.tq, p.tk, p.q_offset,
-            p.group,
-            p.scale,
-            HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
-            IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
+            *_sm90_tail(p, lse), **_sm90_constexprs(p, c),
         )
 
     _launch_sm90("dkdv_sm90", p, q.dtype, run)

@@ -218,6 +218,7 @@ def dq_kernel_sm90(
     tile ``S = Q K^T`` and ``dP = dO V^T`` are issued back to back, ``P`` is computed while
     ``dP`` runs, and ``dQ += dS K`` stays in flight until the next tile's scores are issued.
     Edge tiles mask ``P`` and ``dS``; key rows no query row attends are zeroed in shared memory."""
+    gl.static_assert(STAGES >= 2)  # tile t's slots are refilled while tile t + 1's are in use
     m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
     h = gl.program_id(1)
     z = gl.program_id(2)

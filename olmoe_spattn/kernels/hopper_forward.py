@@ -60,6 +60,7 @@ def fwd_kernel_sm90(
     IS_VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
 ):
+    gl.static_assert(STAGES >= 2)  # tile t's V slot is refilled after tile t + 1's scores are issued
     # ---------------------------------------------------------------- which tile
     m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
     h = gl.program_id(1)

@@ -72,7 +72,8 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     TMA loads, dK/dV 1.02-1.04x), narrower ones the small dK/dV tiles (1.09-1.14x at 2049
     distances); the deep ones need Hopper's shared memory. The Gluon kernels (``*_sm90``) take one
     warpgroup per block and two blocks per SM (H200 sweeps); the dK/dV one steps 32 queries at a
-    time up to 2048 distances (0.72 vs 0.81 ms at 513) and 64 beyond (8.7 vs 9.1 ms on dense 16384).
+    time up to 4096 distances (1.81 vs 1.87 ms at 2049, 4.68 vs 5.13 ms at 4096) and 64 beyond
+    (12.3 vs 12.6 ms at 8193, 8.3 vs 9.0 ms on dense 16384).
     """
     if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
         return LaunchConfig(16, 16, 4, 1)
@@ -87,7 +88,7 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     if kind == "dq_sm90":  # Gluon Hopper dQ: as the forward
         return LaunchConfig(64, 64, 4, 2)
     if kind == "dkdv_sm90":  # Gluon Hopper dK/dV: query step, keys per program, warps, ring depth
-        return LaunchConfig(64, 64, 4, 2) if extent > 2048 else LaunchConfig(32, 64, 4, 2)
+        return LaunchConfig(64, 64, 4, 2) if extent > 4096 else LaunchConfig(32, 64, 4, 2)
     if kind == "fwd":
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)

@@ -7,10 +7,12 @@ the query blocks that see the tile (at most two ranges, the mirror image of the 
 
 * K and V of the tile are loaded once by TMA and stay in shared memory as the A operands of
   ``S^T = K Q^T`` and ``dP^T = V dO^T``; Q and dO tiles stream through ``STAGES``-deep rings,
-  each slot with its own mbarrier.
+  each slot with its own mbarrier, and the blocks' lse and delta rows through rings of their own
+  (``cp.async``), read from shared memory where they are used instead of held in registers.
 * Per query block: both score MMAs are issued asynchronously back to back; ``P^T`` is computed
   while ``dP^T`` is still on the tensor cores; ``dV += P^T dO`` is issued and runs while ``dS^T``
-  is computed; then ``dK += dS^T Q``. ``P^T`` and ``dS^T`` stay in registers as A operands.
+  is computed; then ``dK += dS^T Q``, which (with ``dV``) is waited for only once the next
+  block's score MMAs are issued. ``P^T`` and ``dS^T`` stay in registers as A operands.
 * Edge tiles take the exact element mask (``P^T`` and ``dS^T`` are 0 outside the band). On a
   sequence's last query block, the Q and dO rows past its end (the next batch row's or document's,
   read by the 2-D descriptor) are zeroed in shared memory, so they add exactly 0.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -40,6 +43,7 @@ from .common import (
 )
 from .hopper_common import (
     blocked_rows_layout,
+    cp_async_load,
     cta_barrier,
     issue_load,
     mma_layout,
@@ -59,6 +63,22 @@ def _zero_rows_past_end(ring, slot, first_row, tq, BLOCK_M: gl.constexpr, reg_la
 
 
 @gluon.jit
+def _load_query_block(q_desc, do_desc, q_bars, do_bars, q_ring, do_ring, lse_ring, delta_ring, slot,
+                      q_row0, col, mb, l_base, d_base, offs_vec, tq, pred, BLOCK_M: gl.constexpr):
+    """Loads query block ``mb`` of one head into ring slot ``slot`` (when ``pred``): its Q and dO
+    tiles by TMA, completing the slot's mbarriers, and its lse and delta rows by ``cp.async`` as
+    one commit group (rows past the sequence's end, and every row when not ``pred``, read 0)."""
+    row = q_row0 + mb * BLOCK_M
+    issue_load(q_desc, row, col, q_bars, q_ring, slot, pred)
+    issue_load(do_desc, row, col, do_bars, do_ring, slot, pred)
+    rows = mb * BLOCK_M + offs_vec
+    ok = (rows < tq) & pred
+    cp_async_load(lse_ring.index(slot), l_base + rows, mask=ok)
+    cp_async_load(delta_ring.index(slot), d_base + rows, mask=ok)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def dkdv_kernel_sm90(
     q_desc, k_desc, v_desc, do_desc, DK, DV, Lse, Delta, Table, CuSeq,
     stride_dkb, stride_dkt, stride_dkh,
@@ -75,7 +95,7 @@ def dkdv_kernel_sm90(
     IS_VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    gl.static_assert(STAGES >= 1)
+    gl.static_assert(STAGES >= 2)  # a block's slot is refilled while the next block's is in use
     n = gl.program_id(0)
     h_kv = gl.program_id(1)
     z = gl.program_id(2)
@@ -101,6 +121,10 @@ def dkdv_kernel_sm90(
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # plain [BLOCK_M] fp32 rows
+    lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
+    delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
+    offs_vec = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -120,8 +144,8 @@ def dkdv_kernel_sm90(
     q_row0 = (b * tq + seq_start).to(gl.int32)  # row of [B * Tq (or total), H * D]
     st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     dpt = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout))
+    dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout))
     mbarrier.wait(kv_bar, 0)
 
     it = 0  # tiles consumed so far (all heads): ring slot and phase
@@ -133,20 +157,21 @@ def dkdv_kernel_sm90(
         col = h * HEAD_DIM
         l_base = Lse + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
         d_base = Delta + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
+        async_copy.wait_group(0)  # the previous head's trailing (masked) lse copies are done
         for s in gl.static_range(STAGES):  # fill the rings (empty: every earlier tile is done)
-            slot = (it + s) % STAGES
-            row = q_row0 + walk_block(s, n0, c0, c1) * BLOCK_M
-            issue_load(q_desc, row, col, q_bars, q_ring, slot, s < n_q)
-            issue_load(do_desc, row, col, do_bars, do_ring, slot, s < n_q)
+            _load_query_block(q_desc, do_desc, q_bars, do_bars, q_ring, do_ring, lse_ring, delta_ring, (it + s) % STAGES,
+                              q_row0, col, walk_block(s, n0, c0, c1), l_base, d_base, offs_vec, tq, s < n_q, BLOCK_M)
         for t in range(0, n_q):
             slot = it % STAGES
             phase = (it // STAGES) & 1
             mb = walk_block(t, n0, c0, c1)
             offs_m = mb * BLOCK_M + offs_m0  # rows relative to the sequence
-            row_ok = offs_m < tq
-            lse = gl.load(l_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
-            delta = gl.load(d_base + offs_m, mask=row_ok, other=0.0)
+            # this block's lse and delta are in: the fill committed STAGES groups, each later tile one
+            if t == 0:
+                async_copy.wait_group(STAGES - 1)
+            else:
+                async_copy.wait_group(STAGES - 2)
+            cta_barrier()  # ... for every thread, and every thread is done with the previous block's
             mbarrier.wait(q_bars.index(slot), phase)
             mbarrier.wait(do_bars.index(slot), phase)
             if mb * BLOCK_M + BLOCK_M > tq:  # rows past the end: another sequence's, zeroed
@@ -156,7 +181,16 @@ def dkdv_kernel_sm90(
                 cta_barrier()
             st = warpgroup_mma(k_smem, q_ring.index(slot).permute((1, 0)), st, use_acc=False, is_async=True)
             dpt = warpgroup_mma(v_smem, do_ring.index(slot).permute((1, 0)), dpt, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(1, deps=(st,))
+            # groups in flight: [dV, dK of the previous tile,] S^T, dP^T -> all but dP^T are done
+            dk, dv, st = warpgroup_mma_wait(1, deps=(dk, dv, st))
+            if t > 0:  # the previous block's Q, dO, lse, delta are read: refill its slot (at t = 0 that slot
+                # holds a block still to come, which a masked copy would overwrite with zeros)
+                nxt = t - 1 + STAGES
+                _load_query_block(q_desc, do_desc, q_bars, do_bars, q_ring, do_ring, lse_ring, delta_ring,
+                                  (it - 1 + STAGES) % STAGES, q_row0, col, walk_block(nxt, n0, c0, c1), l_base, d_base,
+                                  offs_vec, tq, nxt < n_q, BLOCK_M)
+            lse = lse_ring.index(slot).load(query_s) * 1.4426950408889634  # rows past the end: 0 (Q, dO zeroed)
+            lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
             pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
             i0 = mb * BLOCK_M + q_off
             i1 = gl.minimum(i0 + BLOCK_M - 1, q_off + tq - 1)
@@ -167,16 +201,15 @@ def dkdv_kernel_sm90(
                 pt = gl.where(allowed, pt, 0.0)
             dpt = warpgroup_mma_wait(0, deps=(dpt,))
             dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do_ring.index(slot), dv, is_async=True)
-            dst = pt * (dpt - gl.expand_dims(delta, 0))
+            dst = pt * (dpt - gl.expand_dims(delta_ring.index(slot).load(query_s), 0))
             if not full:  # a non-finite value of a key outside the band never reaches dK
                 dst = gl.where(allowed, dst, 0.0)
             dk = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q_ring.index(slot), dk, is_async=True)
-            dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))  # the slot's Q and dO are read: refill it
-            nxt = t + STAGES
-            row = q_row0 + walk_block(nxt, n0, c0, c1) * BLOCK_M
-            issue_load(q_desc, row, col, q_bars, q_ring, slot, nxt < n_q)
-            issue_load(do_desc, row, col, do_bars, do_ring, slot, nxt < n_q)
             it += 1
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))  # the head's last MMAs are done: rings reusable
+        dk = warpgroup_mma_init(dk)
+        dv = warpgroup_mma_init(dv)
+    dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
 
     mbarrier.invalidate(kv_bar)
     for s in gl.static_range(STAGES):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from .common import key_block_ranges, keys_used, tile_keys_all_used
 
-# names that changed after Triton 3.6: the TMA tile load (``async_copy_global_to_shared`` ->
-# ``async_load``) and the CTA-wide barrier (``thread_barrier`` -> ``barrier``)
+# names that changed after Triton 3.6: the TMA tile load and the per-thread ``cp.async`` copy
+# (``async_copy_global_to_shared`` -> ``async_load``), the CTA-wide barrier (``thread_barrier`` ->
+# ``barrier``)
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 

@@ -5,7 +5,8 @@ head and batch row or packed document; at most two ranges of key blocks per tile
 masks only on tiles that straddle an interval edge, ``Tk`` or the last query row), but the
 schedule is explicit instead of left to Triton's pipeliner:
 
-* Q is loaded once by TMA; K and V tiles stream through ``STAGES``-deep shared-memory rings,
+* Q is loaded once by TMA and then held in registers as the A operand of every score MMA (so
+  each MMA reads only K from shared memory); K and V tiles stream through ``STAGES``-deep shared-memory rings,
   each slot with its own mbarrier, K and V separately (a K slot is refilled as soon as the
   score MMA that read it is done, a V slot once the P·V MMA that read it is done).
 * Scores of key tile ``t`` (``S = Q K^T``) and ``O += P V`` of tile ``t - 1`` are issued as
@@ -116,12 +117,14 @@ def fwd_kernel_sm90(
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # scores; each MMA overwrites it
     mbarrier.wait(q_bar, 0)
+    # Q as the register A operand of every score MMA: only K is read from shared memory per MMA
+    q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
 
     if n_tot > 0:
         # tile 0: scores and softmax only; its P·V is issued with tile 1's scores
         kb = walk_block(0, n0, a0, a1)
         mbarrier.wait(k_bars.index(0), 0)
-        s_acc = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+        s_acc = warpgroup_mma(q_op, k_ring.index(0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
         s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
         nxt = STAGES
         issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
@@ -141,7 +144,7 @@ def fwd_kernel_sm90(
             prev_phase = ((t - 1) // STAGES) & 1
             kb = walk_block(t, n0, a0, a1)
             mbarrier.wait(k_bars.index(slot), phase)
-            s_acc = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+            s_acc = warpgroup_mma(q_op, k_ring.index(slot).permute((1, 0)), s_acc, use_acc=False, is_async=True)
             mbarrier.wait(v_bars.index(prev), prev_phase)
             acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
             s_acc = warpgroup_mma_wait(1, deps=(s_acc,))  # the scores (issued first) are done

@@ -27,12 +27,12 @@ ENV = "OLMOE_SPATTN_TRITON_FEATURES"
 # Runs in a fresh interpreter: with TRITON_INTERPRET=1 set at import (as in this test session)
 # the shared ``@triton.jit`` helpers become interpreter objects, which Gluon cannot compile.
 _COMPILE_SCRIPT = r"""
-import json, sys
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from olmoe_spattn.kernels import hopper_backward, hopper_forward
+from olmoe_spattn.kernels import hopper_backward, hopper_forward, hopper_forward_ws
 
 def descriptor_type(rows, head_dim, dtype):
     elt = gl.bfloat16 if dtype == "bf16" else gl.float16
@@ -42,7 +42,7 @@ def descriptor_type(rows, head_dim, dtype):
 def signature(kind, bm, bn, head_dim, dtype):
     desc = lambda rows: descriptor_type(rows, head_dim, dtype)  # noqa: E731
     ptr = "*" + dtype
-    if kind == "fwd_sm90":
+    if kind in ("fwd_sm90", "fwd_sm90_ws"):
         sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "Out": ptr, "Lse": "*fp32"}
         strides = ["stride_ob", "stride_ot", "stride_oh"]
     elif kind == "dq_sm90":
@@ -60,7 +60,7 @@ def signature(kind, bm, bn, head_dim, dtype):
     return sig
 
 KERNELS = {"fwd_sm90": hopper_forward.fwd_kernel_sm90, "dq_sm90": hopper_backward.dq_kernel_sm90,
-           "dkdv_sm90": hopper_backward.dkdv_kernel_sm90}
+           "dkdv_sm90": hopper_backward.dkdv_kernel_sm90, "fwd_sm90_ws": hopper_forward_ws.fwd_kernel_sm90_ws}
 results = []
 for kind, (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.argv[1]):
     sig = signature(kind, bm, bn, head_dim, dtype)
@@ -71,9 +71,14 @@ for kind, (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.arg
     names = list(sig) + list(constexprs)
     sig.update(dict.fromkeys(constexprs, "constexpr"))
     src = GluonASTSource(KERNELS[kind], sig, {(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    results.append({"cubin": len(compiled.asm["cubin"]), "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
-                    "shared": compiled.metadata.shared})
+    options = {"num_warps": warps}
+    if kind == "fwd_sm90_ws":
+        options["maxnreg"] = hopper_forward_ws.MAX_REGISTERS
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    results.append({"cubin": len(compiled.asm["cubin"]), "wgmma": "wgmma.mma_async" in ptx,
+                    "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
+                    "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)))})
 print(json.dumps(results))
 """
 
@@ -81,7 +86,7 @@ print(json.dumps(results))
 def test_kernels_compile_for_sm90_at_every_tuned_config():
     """Forward, dQ and dK/dV at every configuration of their tuned spaces (the defaults are
     among them), head dim 128 in bf16 and 64 in fp16 with packed documents."""
-    cases = [(kind, cfg, head_dim, dtype, varlen) for kind in ("fwd_sm90", "dq_sm90", "dkdv_sm90")
+    cases = [(kind, cfg, head_dim, dtype, varlen) for kind in ("fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90")
              for cfg in autotune._SPACE[kind] for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
@@ -93,11 +98,13 @@ def test_kernels_compile_for_sm90_at_every_tuned_config():
         assert res["cubin"] > 0, f"{case}: no SM90 binary"
         assert res["wgmma"], f"{case}: the kernel must use warpgroup MMAs"
         assert res["shared"] <= 227 * 1024, f"{case}: more shared memory than an SM90 block may have"
+        if case[0] == "fwd_sm90_ws":  # two consumer warpgroups and the producer's: 24 + 240 + 240 registers
+            assert res["warps"] == 12 and {"24", "240"} <= set(res["setmaxnreg"]), (case, res)
 
 
 def test_fixed_configs_are_in_the_tuned_spaces(monkeypatch):
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
-    for kind in ("fwd_sm90", "dq_sm90", "dkdv_sm90"):
+    for kind in ("fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90"):
         for extent in (64, 4096, 65536):
             assert tuple(vars(autotune.fixed_config(kind, 128, extent)).values()) in autotune._SPACE[kind], kind
 

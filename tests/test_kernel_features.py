@@ -226,11 +226,13 @@ def _problem(extent: int, head_dim: int = 128, max_tk: int = 65536):
     [(256, 128, 9, {"gluon_fwd", "tma_dq"}), (1024, 64, 9, {"tma", "flat", "gluon_bwd"}), (512, 64, 9, {"tma", "flat"}),
      (1025, 128, 9, {"gluon_fwd", "gluon_bwd", "tma_dq"}), (65536, 128, 10, {"tma_dq"}), (256, 128, 10, {"tma", "flat", "tma_dq"}),
      (256, 128, 8, set()), (256, 256, 9, set()), (256, 96, 9, set()),
-     (65536, 128, 9, {"gluon_fwd", "gluon_bwd", "tma_dq"}), (65536, 64, 9, {"gluon_fwd", "gluon_bwd"})],
+     (2048, 128, 9, {"gluon_fwd", "gluon_bwd", "tma_dq"}), (2049, 128, 9, {"gluon_fwd", "gluon_ws", "gluon_bwd", "tma_dq"}),
+     (65536, 128, 9, {"gluon_fwd", "gluon_ws", "gluon_bwd", "tma_dq"}), (65536, 64, 9, {"gluon_fwd", "gluon_ws", "gluon_bwd"})],
 )
 def test_automatic_choice_by_band_width_and_gpu(extent, head_dim, major, want, monkeypatch):
-    """Unset (or ``auto``), on SM90: the Gluon forward for wide bands and at head dim 128, tma+flat
-    for narrow bands at head dim 64, the Gluon backward above 512 distances; on SM100 (no warpgroup MMAs)
+    """Unset (or ``auto``), on SM90: the Gluon forward for wide bands and at head dim 128 (its
+    warp-specialized version above 2048 distances), tma+flat for narrow bands at head dim 64, the
+    Gluon backward above 512 distances; on SM100 (no warpgroup MMAs)
     tma+flat for narrow bands; tma_dq (used by the Triton dQ kernel) at head dim 128 on SM90+; only
     for the measured head dims; ``none`` and an explicit list win."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)

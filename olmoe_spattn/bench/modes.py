@@ -107,6 +107,7 @@ def sweep(shapes, patterns: list[str], rep_ms: float, device: str = "cuda",
                     out2, lse2 = torch.empty_like(out), torch.empty_like(lse)
                     calls.update({
                         "fwd_sm90": lambda: launch.run_forward_sm90(q, k, v, out2, lse2, p),  # noqa: B023
+                        "fwd_sm90_ws": lambda: launch.run_forward_sm90_ws(q, k, v, out2, lse2, p),  # noqa: B023
                         "dq_sm90": lambda: launch.run_dq_sm90(g, q, k, v, out, lse, None, delta, dq, p),  # noqa: B023
                         "dkdv_sm90": lambda: launch.run_dkdv_sm90(g, q, k, v, lse, delta, dk, dv, p),  # noqa: B023
                     })

@@ -64,7 +64,7 @@ def tuning_key(block_d: int, extent: int, is_varlen: bool) -> int:
 # --------------------------------------------------------------------------- fixed choices
 def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     """The configuration used without autotuning. ``kind`` is fwd | dq | dkdv | dkdvdq | decode, or
-    fwd_sm90 | dq_sm90 | dkdv_sm90 for the Gluon Hopper kernels.
+    fwd_sm90 | fwd_sm90_ws | dq_sm90 | dkdv_sm90 for the Gluon Hopper kernels.
 
     Picked from per-kernel sweeps on an H100 (bf16; `olmoe-spattn bench sweep`). The backward at
     head dim 128 on SM90+ follows per-kernel sweeps on an H200 (`bench sweep --features`,
@@ -85,6 +85,8 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
         return LaunchConfig(32, 64, 4, 2) if kind in ("dkdv", "dkdvdq") else LaunchConfig(64, 32, 4, 2)
     if kind == "fwd_sm90":  # Gluon Hopper forward: block_m, block_n, warps, ring depth
         return LaunchConfig(64, 64, 4, 2)  # one warpgroup; two blocks fit an SM (H200 sweep, NOTES.md)
+    if kind == "fwd_sm90_ws":  # warp-specialized forward: rows per consumer warpgroup, keys per tile
+        return LaunchConfig(64, 128, 4, 2)  # 1.06-1.25x 64-key tiles on bands of 2049+ (H200)
     if kind == "dq_sm90":  # Gluon Hopper dQ: as the forward
         return LaunchConfig(64, 64, 4, 2)
     if kind == "dkdv_sm90":  # Gluon Hopper dK/dV: query step, keys per program, warps, ring depth
@@ -109,6 +111,7 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
 _SPACE = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
     "fwd_sm90": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
+    "fwd_sm90_ws": [(64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 4)],
     "dq_sm90": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dkdv_sm90": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
@@ -121,7 +124,7 @@ def _smem_bytes(kind: str, cfg: LaunchConfig, block_d: int) -> int:
     elt = 2
     if kind in ("dkdv", "dkdvdq", "dkdv_sm90"):  # resident K, V tile; streamed Q, dO
         return 2 * cfg.block_n * block_d * elt + cfg.num_stages * 2 * cfg.block_m * block_d * elt
-    # resident Q (and dO); streamed K, V
+    # resident Q and dO (the warp-specialized forward: two Q tiles); streamed K, V
     return 2 * cfg.block_m * block_d * elt + cfg.num_stages * 2 * cfg.block_n * block_d * elt
 
 

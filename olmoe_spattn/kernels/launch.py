@@ -5,8 +5,9 @@ Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (o
 with ``bench sweep --variants`` and per-kernel sweeps, see ``NOTES.md``): ``tma`` and ``flat``
 in the forward when a head's band spans at most ``AUTO_FLAT_MAX_EXTENT`` distances and less
 than the sequence (head dims 64 and 128; 1.1-1.5x forward there, 0.64-0.9x on wider bands and
-dense), on SM90 ``gluon_fwd`` for wider bands and at head dim 128 (1.3-1.9x forward) and
-``gluon_bwd`` for bands wider than ``AUTO_GLUON_BWD_MIN_EXTENT``, and ``tma_dq`` in the Triton
+dense), on SM90 ``gluon_fwd`` for wider bands and at head dim 128 (1.3-1.9x forward), ``gluon_ws``
+for bands wider than ``AUTO_GLUON_WS_MIN_EXTENT`` and ``gluon_bwd`` for bands wider than
+``AUTO_GLUON_BWD_MIN_EXTENT``, and ``tma_dq`` in the Triton
 dQ kernel for head dim 128 (1.14-1.28x on the dQ kernel for every measured band
 width). ``none`` (or an empty value) gives the plain kernels; a
 comma-separated list forces exactly those features:
@@ -28,6 +29,9 @@ comma-separated list forces exactly those features:
   asynchronous warpgroup MMAs, the softmax of one key tile overlapping the P·V MMA of the
   previous one) on SM90 GPUs for bf16/fp16 calls with head dim 64 or 128 whose tensors a
   descriptor can read (as for ``tma``); other calls keep the Triton forward.
+* ``gluon_ws``: the forward runs the warp-specialized Gluon Hopper kernel
+  (``hopper_forward_ws.py``: a TMA producer warp and two consumer warpgroups sharing every K/V
+  tile of a 128-row query tile) under the same conditions; it takes precedence over ``gluon_fwd``.
 * ``gluon_bwd``: both passes of the two-pass backward (dQ, then dK/dV) run the Gluon Hopper
   kernels (``hopper_backward.py``) under the same conditions.
 
@@ -56,7 +60,7 @@ def _work_bucket(p: Problem) -> int:
 
 
 #: ``OLMOE_SPATTN_TRITON_FEATURES``: opt-in kernel features (see the module docstring).
-TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "gluon_fwd", "gluon_bwd")
+TRITON_FEATURES = ("tma", "tma_dq", "tma_bwd", "tma_reduce", "flat", "gluon_fwd", "gluon_ws", "gluon_bwd")
 
 
 #: Widest band (distinct distances per head) for which the automatic choice takes ``tma`` + ``flat``.
@@ -64,6 +68,9 @@ AUTO_FLAT_MAX_EXTENT = 1024
 
 #: Band width (distinct distances per head) above which the automatic choice takes ``gluon_bwd`` on SM90.
 AUTO_GLUON_BWD_MIN_EXTENT = 512
+#: ``gluon_ws`` (the warp-specialized Gluon forward) on bands wider than this: 1.11-1.16x the
+#: one-warpgroup Gluon forward from 2049 distances on, 0.78x at 513 (H200, ``NOTES.md``)
+AUTO_GLUON_WS_MIN_EXTENT = 2048
 
 
 def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
@@ -82,6 +89,8 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
     if hopper and (wide or p.block_d == 128):
         chosen.add("gluon_fwd")
     # Gluon backward passes: 1.04-1.06x fwd+bwd from 513 distances on, 0.96x at 256
+    if hopper and p.extent > AUTO_GLUON_WS_MIN_EXTENT:
+        chosen.add("gluon_ws")
     if hopper and p.extent > AUTO_GLUON_BWD_MIN_EXTENT:
         chosen.add("gluon_bwd")
     # a band as wide as the sequence is causal attention: mostly full tiles, where the
@@ -187,6 +196,9 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     features = triton_features(p, q.device)
+    if "gluon_ws" in features and sm90_ok(p, q, k, v):
+        run_forward_sm90_ws(q, k, v, out, lse, p)
+        return out, lse
     if "gluon_fwd" in features and sm90_ok(p, q, k, v):
         run_forward_sm90(q, k, v, out, lse, p)
         return out, lse
@@ -271,6 +283,24 @@ def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         )
 
     _launch_sm90("fwd_sm90", p, q.dtype, run)
+
+
+def run_forward_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        p: Problem) -> None:
+    """The forward through :func:`hopper_forward_ws.fwd_kernel_sm90_ws` (warp-specialized: a
+    producer warp and two consumer warpgroups of ``block_m`` rows each) into ``out`` and ``lse``."""
+    from .hopper_forward_ws import MAX_REGISTERS, fwd_kernel_sm90_ws
+
+    def run(c: LaunchConfig):
+        grid = (triton.cdiv(p.max_tq, 2 * c.block_m), p.n_heads, p.z)
+        return fwd_kernel_sm90_ws[grid](
+            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+            out, lse, p.table, p.cu,
+            out.stride(0), out.stride(1), out.stride(2),
+            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), maxnreg=MAX_REGISTERS,
+        )
+
+    _launch_sm90("fwd_sm90_ws", p, q.dtype, run)
 
 
 def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
 VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,tma_dq", (64, 64, 4, 3)),
             ("gluon_fwd", None), ("gluon_fwd", (128, 64, 8, 3)), ("gluon_fwd,gluon_bwd", None),
+            ("gluon_ws", None), ("gluon_ws", (64, 64, 4, 4)), ("gluon_ws,gluon_bwd", None),
             ("gluon_bwd", (64, 64, 4, 2)), ("gluon_bwd", (64, 128, 8, 2))]
 
 
@@ -56,11 +57,13 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
 
     monkeypatch.setenv("OLMOE_SPATTN_AUTOTUNE", "0")
     monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", features)
-    made, gluon_calls, gluon_bwd_calls = [], [], []
+    made, gluon_calls, gluon_ws_calls, gluon_bwd_calls = [], [], [], []
     real_desc = launch.tma_descriptor
     monkeypatch.setattr(launch, "tma_descriptor", lambda *a: made.append(a[1:]) or real_desc(*a))
     real_sm90 = launch.run_forward_sm90
     monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: gluon_calls.append(1) or real_sm90(*a))
+    real_ws = launch.run_forward_sm90_ws
+    monkeypatch.setattr(launch, "run_forward_sm90_ws", lambda *a: gluon_ws_calls.append(1) or real_ws(*a))
     real_bwd = launch.run_dkdv_sm90
     monkeypatch.setattr(launch, "run_dkdv_sm90", lambda *a: gluon_bwd_calls.append(1) or real_bwd(*a))
     if config is not None:
@@ -68,12 +71,13 @@ def test_variant_against_oracle(case, dtype, features, config, monkeypatch):
         cfg = autotune.LaunchConfig(*config)
         monkeypatch.setattr(
             launch, "fixed_config",
-            lambda kind, d, e: cfg if kind in ("fwd", "fwd_sm90", "dq_sm90", "dkdv_sm90") else real(kind, d, e),
+            lambda kind, d, e: cfg if kind in ("fwd", "fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90") else real(kind, d, e),
         )
     spec, q, k, v, kw = _case(case, dtype)
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert bool(made) == ("tma" in features), "the TMA path was (not) taken"
     assert bool(gluon_calls) == ("gluon_fwd" in features), "the Gluon Hopper forward was (not) taken"
+    assert bool(gluon_ws_calls) == ("gluon_ws" in features), "the warp-specialized Gluon forward was (not) taken"
     assert bool(gluon_bwd_calls) == ("gluon_bwd" in features), "the Gluon Hopper dK/dV pass was (not) taken"
     # and the same numbers as the default kernel, up to accumulation order
     go = torch.randn_like(q)

@@ -1,5 +1,5 @@
 """On CUDA: NaN / Inf in keys and values that no query of a head attends reach no output
-(compiled FlexAttention, the Triton kernel (also with its Gluon Hopper forward) and FA4, bf16
+(compiled FlexAttention, the Triton kernel (also with its Gluon Hopper forwards) and FA4, bf16
 and fp32; block-sized sequences so that fully masked and partially masked tiles both occur)."""
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ _FA4 = _fa4_missing()
 
 
 @pytest.mark.parametrize(
-    "backend", ["flex", "triton", "triton_gluon_fwd", pytest.param("fa4", marks=pytest.mark.skipif(bool(_FA4), reason=_FA4 or "-"))]
+    "backend", ["flex", "triton", "triton_gluon_fwd", "triton_gluon_ws", pytest.param("fa4", marks=pytest.mark.skipif(bool(_FA4), reason=_FA4 or "-"))]
 )
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
 def test_poison_in_unattended_keys_stays_out(backend, pattern, dtype, poison, monkeypatch):
-    if backend in ("fa4", "triton_gluon_fwd") and dtype == torch.float32:
-        pytest.skip("FA4 and the Gluon Hopper forward take 16-bit inputs only")
-    if backend == "triton_gluon_fwd":  # the Triton backend with its Gluon Hopper forward
+    if backend in ("fa4", "triton_gluon_fwd", "triton_gluon_ws") and dtype == torch.float32:
+        pytest.skip("FA4 and the Gluon Hopper forwards take 16-bit inputs only")
+    if backend.startswith("triton_gluon"):  # the Triton backend with one of its Gluon Hopper forwards
         if torch.cuda.get_device_capability()[0] != 9:
-            pytest.skip("the Gluon forward runs on SM90 only")
-        monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", "gluon_fwd")
+            pytest.skip("the Gluon forwards run on SM90 only")
+        monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", backend.removeprefix("triton_"))
         backend = "triton"
     spec = BandSpec(pattern, 8, 256)
     t, h, h_kv = 384, 8, 8

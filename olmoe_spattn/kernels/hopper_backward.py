@@ -42,12 +42,14 @@ from .common import (
     tile_is_full,
 )
 from .hopper_common import (
+    barrier_ring,
     blocked_rows_layout,
     cp_async_load,
     cta_barrier,
     issue_load,
     mma_layout,
     query_tile_keys,
+    tile_ring,
     tma_load,
     walk_block,
     zero_unused_key_rows,
@@ -119,19 +121,16 @@ def dkdv_kernel_sm90(
     # ---------------------------------------------------------------- shared memory, barriers
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    q_ring = tile_ring(q_desc, STAGES)
+    do_ring = tile_ring(do_desc, STAGES)
     vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # plain [BLOCK_M] fp32 rows
     lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
     delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], vec_smem)
     offs_vec = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bars = barrier_ring(STAGES)
+    do_bars = barrier_ring(STAGES)
     mbarrier.init(kv_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(q_bars.index(s), count=1)
-        mbarrier.init(do_bars.index(s), count=1)
 
     kv_row = (b * tk + seq_start + j0).to(gl.int32)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -277,15 +276,12 @@ def dq_kernel_sm90(
     # ---------------------------------------------------------------- shared memory, barriers
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_ring = tile_ring(k_desc, STAGES)
+    v_ring = tile_ring(v_desc, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_bars = barrier_ring(STAGES)
+    v_bars = barrier_ring(STAGES)
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(s), count=1)
-        mbarrier.init(v_bars.index(s), count=1)
 
     q_row = (b * tq + seq_start + m * BLOCK_M).to(gl.int32)
     kv_row0 = (b * tk + seq_start).to(gl.int32)

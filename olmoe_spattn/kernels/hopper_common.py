@@ -31,6 +31,64 @@ def mma_layout(num_warps, n):
 
 
 @gluon.jit
+def tile_ring(desc, STAGES: gl.constexpr):
+    """``STAGES`` slots in shared memory for tiles of ``desc``'s block shape and layout."""
+    return gl.allocate_shared_memory(desc.dtype, [STAGES] + desc.block_type.shape, desc.layout)
+
+
+@gluon.jit
+def barrier_ring(STAGES: gl.constexpr, count: gl.constexpr = 1):
+    """``STAGES`` initialized mbarriers, each of a phase that ``count`` arrivals complete (with
+    the bytes of a TMA load that expects them)."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=count)
+    return bars
+
+
+@gluon.jit
+def softmax_first_tile(s_acc, qk_scale):
+    """The online softmax's first key tile: ``(p, m, l)`` from scores ``s_acc`` (``-inf`` where
+    masked; rows with nothing allowed keep ``m = -inf`` and get ``p = 0``)."""
+    m_new = gl.maximum(gl.max(s_acc, 1) * qk_scale, float("-inf"))  # (a NaN row max reads -inf, as later)
+    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+    p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
+    return p, m_new, gl.sum(p, 1)
+
+
+@gluon.jit
+def softmax_next_tile(s_acc, m_i, l_i, qk_scale):
+    """One more key tile of the online softmax: ``(p, alpha, m, l)``, where ``alpha`` rescales
+    the output accumulated so far."""
+    m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
+    m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
+    alpha = gl.exp2(m_i - m_sub)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, first_row, tq):
+    """Normalizes the ``[rows, D]`` accumulator ``acc`` and stores it with its log-sum-exp for
+    rows ``first_row ..`` (relative to the sequence; those ``>= tq`` are skipped). Rows that
+    attend nothing (``l = 0``) get output 0 and log-sum-exp ``-inf``."""
+    o_layout: gl.constexpr = acc.type.layout
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    empty = l_o == 0.0
+    out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+    offs_mo = first_row + gl.arange(0, acc.type.shape[0], layout=row_o)
+    offs_do = gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, o_layout))
+    row_ok = offs_mo < tq
+    o_ptrs = Out + out_base + gl.expand_dims(offs_mo.to(gl.int64) * stride_ot, 1) + gl.expand_dims(offs_do, 0)
+    o_mask = gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_do < acc.type.shape[1], 0)
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    m_o = gl.convert_layout(m_i, row_o)
+    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+    gl.store(Lse + lse_base + offs_mo, lse, mask=row_ok)
+
+
+@gluon.jit
 def query_tile_keys(m, q_off, tq, tk, lo0, hi0, lo1, hi1, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """``(i0, i1, i_end, a0, n0, a1, n1)`` of query tile ``m``: its first and last row and the
     first position past the sequence (key coordinates), and its two key-block ranges."""

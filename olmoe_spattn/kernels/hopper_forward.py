@@ -35,10 +35,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .common import load_intervals, pair_mask_flat, sequence_geometry, tile_is_full
 from .hopper_common import (
+    barrier_ring,
     blocked_rows_layout,
     issue_load,
     mma_layout,
     query_tile_keys,
+    softmax_first_tile,
+    softmax_next_tile,
+    store_output_rows,
+    tile_ring,
     tma_load,
     walk_block,
     zero_unused_key_rows,
@@ -88,15 +93,12 @@ def fwd_kernel_sm90(
 
     # ---------------------------------------------------------------- shared memory, barriers
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_ring = tile_ring(k_desc, STAGES)
+    v_ring = tile_ring(v_desc, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_bars = barrier_ring(STAGES)
+    v_bars = barrier_ring(STAGES)
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(s), count=1)
-        mbarrier.init(v_bars.index(s), count=1)
 
     q_row = (b * tq + seq_start + m * BLOCK_M).to(gl.int32)
     kv_row0 = (b * tk + seq_start).to(gl.int32)
@@ -130,11 +132,7 @@ def fwd_kernel_sm90(
         issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
         s_acc = _mask_tile(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
                            lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-        m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
-        l_i = gl.sum(p, 1)
-        m_i = m_new
+        p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for t in range(1, n_tot):
@@ -153,12 +151,7 @@ def fwd_kernel_sm90(
                         nxt < n_tot)
             s_acc = _mask_tile(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
                                lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-            m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
-            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
-            alpha = gl.exp2(m_i - m_sub)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
             nxt = t - 1 + STAGES
             issue_load(v_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, v_bars, v_ring, prev,
@@ -177,19 +170,9 @@ def fwd_kernel_sm90(
         mbarrier.invalidate(v_bars.index(s))
 
     # ---------------------------------------------------------------- epilogue
-    l_o = gl.convert_layout(l_i, row_o)
-    empty = l_o == 0.0
-    out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
-    offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)  # rows relative to the sequence
-    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = offs_mo < tq
-    o_ptrs = (Out + b.to(gl.int64) * stride_ob + gl.expand_dims((seq_start + offs_mo).to(gl.int64) * stride_ot, 1)
-              + h * stride_oh + gl.expand_dims(offs_do, 0))
-    o_mask = gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_do < HEAD_DIM, 0)
-    gl.store(o_ptrs, out.to(dtype), mask=o_mask)
-    m_o = gl.convert_layout(m_i, row_o)
-    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
-    gl.store(Lse + b.to(gl.int64) * stride_lb + h * stride_lh + seq_start + offs_mo, lse, mask=row_ok)
+    out_base = b.to(gl.int64) * stride_ob + seq_start.to(gl.int64) * stride_ot + h * stride_oh
+    lse_base = b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
+    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m * BLOCK_M, tq)
 
 
 @gluon.jit

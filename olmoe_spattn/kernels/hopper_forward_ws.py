@@ -33,9 +33,14 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup
 
 from .common import load_intervals, pair_mask_flat, sequence_geometry, tile_is_full
 from .hopper_common import (
+    barrier_ring,
     blocked_rows_layout,
     mma_layout,
     query_tile_keys,
+    softmax_first_tile,
+    softmax_next_tile,
+    store_output_rows,
+    tile_ring,
     tma_load,
     walk_block,
     zero_unused_key_rows,
@@ -123,11 +128,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
         mbarrier.arrive(k_empty.index(0), count=1)
         s_acc = _masked_scores(s_acc, v_ring, v_ready, 0, 0, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n, i_end,
                                tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-        m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
-        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
-        l_i = gl.sum(p, 1)
-        m_i = m_new
+        p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for t in range(1, n_tot):
             slot = t % STAGES
@@ -143,12 +144,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
             mbarrier.arrive(k_empty.index(slot), count=1)
             s_acc = _masked_scores(s_acc, v_ring, v_ready, slot, phase, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n,
                                    i_end, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-            m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
-            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_sub, 1))
-            alpha = gl.exp2(m_i - m_sub)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -159,17 +155,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
 
-    l_o = gl.convert_layout(l_i, row_o)
-    empty = l_o == 0.0
-    out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
-    offs_mo = m_row0 + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)  # rows relative to the sequence
-    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = offs_mo < tq
-    o_ptrs = Out + out_base + gl.expand_dims(offs_mo.to(gl.int64) * stride_ot, 1) + gl.expand_dims(offs_do, 0)
-    gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_do < HEAD_DIM, 0))
-    m_o = gl.convert_layout(m_i, row_o)
-    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
-    gl.store(Lse + lse_base + offs_mo, lse, mask=row_ok)
+    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m_row0 + WG * BLOCK_M, tq)
 
 
 @gluon.jit
@@ -208,19 +194,14 @@ def fwd_kernel_sm90_ws(
     dtype: gl.constexpr = q_desc.dtype
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_ring = tile_ring(k_desc, STAGES)
+    v_ring = tile_ring(v_desc, STAGES)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = barrier_ring(STAGES)
+    v_ready = barrier_ring(STAGES)
+    k_empty = barrier_ring(STAGES, 2)  # one arrival per consumer
+    v_empty = barrier_ring(STAGES, 2)
     mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # one arrival per consumer
-        mbarrier.init(v_empty.index(s), count=2)
 
     q_row = (b * tq + seq_start + m * TILE_M).to(gl.int32)  # row of [B * Tq (or total), H * D]
     kv_row0 = (b * tk + seq_start).to(gl.int32)

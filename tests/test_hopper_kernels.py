@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from olmoe_spattn import BandSpec
@@ -109,9 +110,10 @@ def test_fixed_configs_are_in_the_tuned_spaces(monkeypatch):
             assert tuple(vars(autotune.fixed_config(kind, 128, extent)).values()) in autotune._SPACE[kind], kind
 
 
-def test_forced_gluon_forward_falls_back_where_it_cannot_run(monkeypatch):
-    """Forced ``gluon_fwd`` in the interpreter (or on CPU tensors): the Triton forward runs, with
-    the same numbers as without the feature, and the Gluon launcher is never called."""
+@pytest.mark.parametrize("feature", ["gluon_fwd", "gluon_ws", "gluon_fwd,gluon_ws"])
+def test_forced_gluon_forward_falls_back_where_it_cannot_run(feature, monkeypatch):
+    """Forced ``gluon_fwd`` or ``gluon_ws`` in the interpreter (or on CPU tensors): the Triton
+    forward runs, with the same numbers as without the feature, and no Gluon launcher is called."""
     spec = BandSpec("spattention", 4, 40)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 37, 4, 16, generator=g) for _ in range(3))  # [B, T, H, D]
@@ -119,6 +121,26 @@ def test_forced_gluon_forward_falls_back_where_it_cannot_run(monkeypatch):
     want = triton_band_attention(q, k, v, spec)
     calls = []
     monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: calls.append(a))
-    monkeypatch.setenv(ENV, "gluon_fwd")
+    monkeypatch.setattr(launch, "run_forward_sm90_ws", lambda *a: calls.append(a))
+    monkeypatch.setenv(ENV, feature)
     assert torch.equal(triton_band_attention(q, k, v, spec), want)
     assert calls == []
+
+
+def test_warp_specialized_forward_is_taken_first_where_it_can_run(monkeypatch):
+    """With ``gluon_ws`` and ``gluon_fwd`` both chosen and the call able to take a Gluon kernel,
+    the warp-specialized launcher runs and the one-warpgroup one does not."""
+    spec = BandSpec("spattention", 4, 40)
+    q, k, v = (torch.randn(2, 37, 4, 16) for _ in range(3))  # [B, T, H, D]
+    calls = []
+    monkeypatch.setattr(launch, "sm90_ok", lambda *a: True)
+    monkeypatch.setattr(launch, "run_forward_sm90", lambda *a: calls.append("one_warpgroup"))
+    monkeypatch.setattr(launch, "run_forward_sm90_ws", lambda *a: calls.append("warp_specialized"))
+    monkeypatch.setenv(ENV, "gluon_fwd,gluon_ws")
+    p = launch.Problem(q, k, spec, head_offset=0, q_offset=0, cu_seqlens=None, max_seqlen=37, scale=0.25)
+    launch.run_forward(q, k, v, p)
+    assert calls == ["warp_specialized"]
+    calls.clear()
+    monkeypatch.setenv(ENV, "gluon_fwd")
+    launch.run_forward(q, k, v, p)
+    assert calls == ["one_warpgroup"]

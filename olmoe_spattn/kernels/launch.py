@@ -68,8 +68,8 @@ AUTO_FLAT_MAX_EXTENT = 1024
 
 #: Band width (distinct distances per head) above which the automatic choice takes ``gluon_bwd`` on SM90.
 AUTO_GLUON_BWD_MIN_EXTENT = 512
-#: ``gluon_ws`` (the warp-specialized Gluon forward) on bands wider than this: 1.11-1.16x the
-#: one-warpgroup Gluon forward from 2049 distances on, 0.78x at 513 (H200, ``NOTES.md``)
+#: ``gluon_ws`` (the warp-specialized Gluon forward) on bands wider than this: 1.02-1.16x the
+#: one-warpgroup Gluon forward from 2049 distances on (two runs), 0.78x at 513 (H200, ``NOTES.md``)
 AUTO_GLUON_WS_MIN_EXTENT = 2048
 
 

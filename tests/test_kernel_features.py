@@ -1,5 +1,5 @@
 """Opt-in kernel features (``OLMOE_SPATTN_TRITON_FEATURES``: tma, tma_dq, tma_bwd, tma_reduce, flat;
-gluon_fwd in ``test_hopper_kernels.py``).
+gluon_fwd and gluon_ws in ``test_hopper_kernels.py``).
 
 On a CPU machine these run through Triton's interpreter, which executes TMA descriptor
 loads (host-side ``TensorDescriptor``); ``tma_dq`` and ``tma_bwd`` do the same for the backward

@@ -88,9 +88,10 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
     # narrow ones; at head dim 64 narrow bands tie or favour tma+flat
     if hopper and (wide or p.block_d == 128):
         chosen.add("gluon_fwd")
-    # Gluon backward passes: 1.04-1.06x fwd+bwd from 513 distances on, 0.96x at 256
+    # its warp-specialized version: 128-row tiles pay off on wide bands only
     if hopper and p.extent > AUTO_GLUON_WS_MIN_EXTENT:
         chosen.add("gluon_ws")
+    # Gluon backward passes: 1.04-1.06x fwd+bwd from 513 distances on, 0.96x at 256
     if hopper and p.extent > AUTO_GLUON_BWD_MIN_EXTENT:
         chosen.add("gluon_bwd")
     # a band as wide as the sequence is causal attention: mostly full tiles, where the
@@ -182,6 +183,10 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
     if use_decode_path(p):
         run_decode(q, k, v, out, lse, p)
         return out, lse
+    features = triton_features(p, q.device)
+    if features & {"gluon_fwd", "gluon_ws"} and sm90_ok(p, q, k, v):  # with both, the warp-specialized one
+        (run_forward_sm90_ws if "gluon_ws" in features else run_forward_sm90)(q, k, v, out, lse, p)
+        return out, lse
     args = [
         q, k, v, out, lse, p.table, p.cu,
         q.stride(0), q.stride(1), q.stride(2),
@@ -195,13 +200,6 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
-    features = triton_features(p, q.device)
-    if "gluon_ws" in features and sm90_ok(p, q, k, v):
-        run_forward_sm90_ws(q, k, v, out, lse, p)
-        return out, lse
-    if "gluon_fwd" in features and sm90_ok(p, q, k, v):
-        run_forward_sm90(q, k, v, out, lse, p)
-        return out, lse
     extra = {}
     descriptors = None
     if "tma" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, k, v)):
@@ -268,21 +266,29 @@ def _launch_sm90(kind: str, p: Problem, dtype: torch.dtype, run) -> None:
     run(cfg)
 
 
+def _run_forward_gluon(kind: str, kernel, rows_per_block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, p: Problem, **launch_options) -> None:
+    """One of the Gluon forwards into ``out`` and ``lse``: ``rows_per_block`` query tiles of
+    ``block_m`` rows per program."""
+
+    def run(c: LaunchConfig):
+        grid = (triton.cdiv(p.max_tq, rows_per_block * c.block_m), p.n_heads, p.z)
+        return kernel[grid](
+            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+            out, lse, p.table, p.cu,
+            out.stride(0), out.stride(1), out.stride(2),
+            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), **launch_options,
+        )
+
+    _launch_sm90(kind, p, q.dtype, run)
+
+
 def run_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                      p: Problem) -> None:
     """The forward through :func:`hopper_forward.fwd_kernel_sm90` into ``out`` and ``lse``."""
     from .hopper_forward import fwd_kernel_sm90
 
-    def run(c: LaunchConfig):
-        grid = (triton.cdiv(p.max_tq, c.block_m), p.n_heads, p.z)
-        return fwd_kernel_sm90[grid](
-            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
-            out, lse, p.table, p.cu,
-            out.stride(0), out.stride(1), out.stride(2),
-            *_sm90_tail(p, lse), **_sm90_constexprs(p, c),
-        )
-
-    _launch_sm90("fwd_sm90", p, q.dtype, run)
+    _run_forward_gluon("fwd_sm90", fwd_kernel_sm90, 1, q, k, v, out, lse, p)
 
 
 def run_forward_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -291,16 +297,7 @@ def run_forward_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     producer warp and two consumer warpgroups of ``block_m`` rows each) into ``out`` and ``lse``."""
     from .hopper_forward_ws import MAX_REGISTERS, fwd_kernel_sm90_ws
 
-    def run(c: LaunchConfig):
-        grid = (triton.cdiv(p.max_tq, 2 * c.block_m), p.n_heads, p.z)
-        return fwd_kernel_sm90_ws[grid](
-            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
-            out, lse, p.table, p.cu,
-            out.stride(0), out.stride(1), out.stride(2),
-            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), maxnreg=MAX_REGISTERS,
-        )
-
-    _launch_sm90("fwd_sm90_ws", p, q.dtype, run)
+    _run_forward_gluon("fwd_sm90_ws", fwd_kernel_sm90_ws, 2, q, k, v, out, lse, p, maxnreg=MAX_REGISTERS)
 
 
 def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
@@ -343,6 +340,10 @@ def _bwd_const(p: Problem) -> dict:
 
 def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
     """dQ, and ``delta = rowsum(dO * O) - dlse`` written into ``delta`` for :func:`run_dkdv`."""
+    features = triton_features(p, q.device)
+    if "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
+        run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p)
+        return
     args = [
         q, k, v, out, do, dq, lse, lse if dlse is None else dlse, delta, p.table, p.cu,
         q.stride(0), q.stride(1), q.stride(2),
@@ -358,10 +359,6 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
         p.scale,
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
-    features = triton_features(p, q.device)
-    if "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
-        run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p)
-        return
     extra = {}
     descriptors = None
     if features & {"tma_dq", "tma_bwd"} and all(tma_ok(x, p.head_dim, p.block_d) for x in (k, v)):
@@ -391,6 +388,10 @@ def run_delta(do, out, lse, dlse, delta, p: Problem) -> None:
 
 def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor | None = None) -> None:
     """dK and dV; with ``dq_acc`` (fp32, zeroed, shaped like ``q``) also dQ by atomic adds."""
+    features = triton_features(p, q.device, atomic_dq=dq_acc is not None)
+    if dq_acc is None and "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
+        run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p)
+        return
     acc = dk if dq_acc is None else dq_acc  # any tensor: unused without ATOMIC_DQ
     args = [
         q, k, v, do, dk, dv, acc, lse, delta, p.table, p.cu,
@@ -409,10 +410,6 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
         tuning_key(p.block_d, p.extent, p.is_varlen),
     ]
     extra = {}
-    features = triton_features(p, q.device, atomic_dq=dq_acc is not None)
-    if dq_acc is None and "gluon_bwd" in features and sm90_ok(p, q, k, v, do):
-        run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p)
-        return
     streamed = []  # (argument index, tensor): read or reduced through [BLOCK_M, D] descriptors
     if "tma_bwd" in features and all(tma_ok(x, p.head_dim, p.block_d) for x in (q, do)):
         extra["USE_TMA"] = True

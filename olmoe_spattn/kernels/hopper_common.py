@@ -7,7 +7,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from .common import key_block_ranges, keys_used, tile_keys_all_used
+from .common import key_block_ranges, keys_used, pair_mask_flat, tile_is_full, tile_keys_all_used
 
 # names that changed after Triton 3.6: the TMA tile load and the per-thread ``cp.async`` copy
 # (``async_copy_global_to_shared`` -> ``async_load``), the CTA-wide barrier (``thread_barrier`` ->
@@ -120,6 +120,20 @@ def zero_unused_key_rows(ring, bars, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1,
         ring.index(slot).store(gl.where(gl.expand_dims(keep, 1), tile, 0.0))
         fence_async_shared()
         cta_barrier()
+
+
+@gluon.jit
+def masked_scores(s_acc, v_ring, v_bars, slot, phase, j0, i0w, i1w, i0, i1, i_pos, offs_n, i_end, tk,
+                  lo0, hi0, lo1, hi1, BLOCK_N: gl.constexpr, v_reg_layout: gl.constexpr):
+    """Scores of key tile ``j0..`` for query rows ``i0w..i1w`` (positions ``i_pos``) with
+    disallowed pairs at ``-inf``; on such edge tiles, value rows that no row ``i0..i1`` of the
+    whole program attends are zeroed in ``v_ring[slot]`` (after its load). A program whose rows
+    are split over warpgroups passes its own rows as ``i0..i1`` and each group's as ``i0w..i1w``."""
+    if not tile_is_full(i0w, i1w, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
+        allowed = pair_mask_flat(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
+        s_acc = gl.where(allowed, s_acc, float("-inf"))
+        zero_unused_key_rows(v_ring, v_bars, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+    return s_acc
 
 
 @gluon.jit

@@ -33,11 +33,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import load_intervals, pair_mask_flat, sequence_geometry, tile_is_full
+from .common import load_intervals, sequence_geometry
 from .hopper_common import (
     barrier_ring,
     blocked_rows_layout,
     issue_load,
+    masked_scores,
     mma_layout,
     query_tile_keys,
     softmax_first_tile,
@@ -46,7 +47,6 @@ from .hopper_common import (
     tile_ring,
     tma_load,
     walk_block,
-    zero_unused_key_rows,
 )
 
 
@@ -130,7 +130,7 @@ def fwd_kernel_sm90(
         s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
         nxt = STAGES
         issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
-        s_acc = _mask_tile(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
+        s_acc = masked_scores(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i0, i1, i_pos, offs_n, i_end, tk,
                            lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
         p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -149,7 +149,8 @@ def fwd_kernel_sm90(
             nxt = t + STAGES
             issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, slot,
                         nxt < n_tot)
-            s_acc = _mask_tile(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i_pos, offs_n, i_end, tk,
+            s_acc = masked_scores(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i0, i1, i_pos, offs_n, i_end,
+                                  tk,
                                lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
             p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
@@ -173,15 +174,3 @@ def fwd_kernel_sm90(
     out_base = b.to(gl.int64) * stride_ob + seq_start.to(gl.int64) * stride_ot + h * stride_oh
     lse_base = b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
     store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m * BLOCK_M, tq)
-
-
-@gluon.jit
-def _mask_tile(s_acc, v_ring, v_bars, slot, phase, j0, i0, i1, i_pos, offs_n, i_end, tk,
-               lo0, hi0, lo1, hi1, BLOCK_N: gl.constexpr, v_reg_layout: gl.constexpr):
-    """Scores of one key tile with disallowed pairs at ``-inf``; on tiles where some key is
-    attended by no row, that key's value row is zeroed in ``v_ring[slot]`` (after its load)."""
-    if not tile_is_full(i0, i1, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-        allowed = pair_mask_flat(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
-        s_acc = gl.where(allowed, s_acc, float("-inf"))
-        zero_unused_key_rows(v_ring, v_bars, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-    return s_acc

@@ -31,10 +31,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .common import load_intervals, pair_mask_flat, sequence_geometry, tile_is_full
+from .common import load_intervals, sequence_geometry
 from .hopper_common import (
     barrier_ring,
     blocked_rows_layout,
+    masked_scores,
     mma_layout,
     query_tile_keys,
     softmax_first_tile,
@@ -43,7 +44,6 @@ from .hopper_common import (
     tile_ring,
     tma_load,
     walk_block,
-    zero_unused_key_rows,
 )
 
 #: registers per thread at launch: 65536 / (3 warpgroups x 128 threads), rounded down to 8
@@ -73,18 +73,6 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_r
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
         tma_load(v_desc, [row, kv_col], v_ready.index(slot), v_ring.index(slot))
-
-
-@gluon.jit
-def _masked_scores(s_acc, v_ring, v_ready, slot, phase, j0, i0w, i1w, i0, i1, i_pos, offs_n, i_end, tk,
-                   lo0, hi0, lo1, hi1, BLOCK_N: gl.constexpr, v_reg_layout: gl.constexpr):
-    """Scores of one key tile for one consumer's rows ``i0w..i1w`` with disallowed pairs at
-    ``-inf``; value rows no row ``i0..i1`` of the whole tile attends are zeroed in the V slot."""
-    if not tile_is_full(i0w, i1w, j0, tk, lo0, hi0, lo1, hi1, BLOCK_N):
-        allowed = pair_mask_flat(i_pos, j0 + offs_n, i_end, tk, lo0, hi0, lo1, hi1)
-        s_acc = gl.where(allowed, s_acc, float("-inf"))
-        zero_unused_key_rows(v_ring, v_ready, slot, phase, j0, i0, i1, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
-    return s_acc
 
 
 @gluon.jit
@@ -126,7 +114,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
         s_acc = warpgroup_mma(q_tile, k_ring.index(0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
         s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        s_acc = _masked_scores(s_acc, v_ring, v_ready, 0, 0, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n, i_end,
+        s_acc = masked_scores(s_acc, v_ring, v_ready, 0, 0, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n, i_end,
                                tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
         p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -142,7 +130,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
             acc = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
             s_acc = warpgroup_mma_wait(1, deps=(s_acc,))  # the scores (issued first) are done
             mbarrier.arrive(k_empty.index(slot), count=1)
-            s_acc = _masked_scores(s_acc, v_ring, v_ready, slot, phase, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n,
+            s_acc = masked_scores(s_acc, v_ring, v_ready, slot, phase, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n,
                                    i_end, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
             p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free

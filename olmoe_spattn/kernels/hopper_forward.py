@@ -131,7 +131,7 @@ def fwd_kernel_sm90(
         nxt = STAGES
         issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, 0, nxt < n_tot)
         s_acc = masked_scores(s_acc, v_ring, v_bars, 0, 0, kb * BLOCK_N, i0, i1, i0, i1, i_pos, offs_n, i_end, tk,
-                           lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+                              lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
         p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -150,8 +150,7 @@ def fwd_kernel_sm90(
             issue_load(k_desc, kv_row0 + walk_block(nxt, n0, a0, a1) * BLOCK_N, kv_col, k_bars, k_ring, slot,
                         nxt < n_tot)
             s_acc = masked_scores(s_acc, v_ring, v_bars, slot, phase, kb * BLOCK_N, i0, i1, i0, i1, i_pos, offs_n, i_end,
-                                  tk,
-                               lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+                                  tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
             p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
             nxt = t - 1 + STAGES

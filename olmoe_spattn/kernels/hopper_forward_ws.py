@@ -115,7 +115,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
         s_acc = warpgroup_mma_wait(0, deps=(s_acc,))
         mbarrier.arrive(k_empty.index(0), count=1)
         s_acc = masked_scores(s_acc, v_ring, v_ready, 0, 0, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n, i_end,
-                               tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+                              tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
         p, m_i, l_i = softmax_first_tile(s_acc, qk_scale)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for t in range(1, n_tot):
@@ -131,7 +131,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
             s_acc = warpgroup_mma_wait(1, deps=(s_acc,))  # the scores (issued first) are done
             mbarrier.arrive(k_empty.index(slot), count=1)
             s_acc = masked_scores(s_acc, v_ring, v_ready, slot, phase, kb * BLOCK_N, i0w, i1w, i0, i1, i_pos, offs_n,
-                                   i_end, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
+                                  i_end, tk, lo0, hi0, lo1, hi1, BLOCK_N, v_reg_layout)
             p, alpha, m_i, l_i = softmax_next_tile(s_acc, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P·V of tile t - 1 done: its V slot is free
             mbarrier.arrive(v_empty.index(prev), count=1)

@@ -79,7 +79,9 @@ for kind, (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.arg
     ptx = compiled.asm["ptx"]
     results.append({"cubin": len(compiled.asm["cubin"]), "wgmma": "wgmma.mma_async" in ptx,
                     "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
-                    "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)))})
+                    "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx))),
+                    # N of the MMAs whose A operand comes from registers ("{acc}, {a regs}, b desc")
+                    "register_a_n": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k\d+\S*\s+\{[^}]*\},\s*\{", ptx)))})
 print(json.dumps(results))
 """
 
@@ -101,6 +103,11 @@ def test_kernels_compile_for_sm90_at_every_tuned_config():
         assert res["shared"] <= 227 * 1024, f"{case}: more shared memory than an SM90 block may have"
         if case[0] == "fwd_sm90_ws":  # two consumer warpgroups and the producer's: 24 + 240 + 240 registers
             assert res["warps"] == 12 and {"24", "240"} <= set(res["setmaxnreg"]), (case, res)
+        if case[0] == "dkdv_sm90":  # P^T, dS^T always from registers; K (S^T's A, N = query step) at 32 x 128
+            kind, (bm, *_), head_dim = case[:3]
+            assert str(head_dim) in res["register_a_n"], (case, res)
+            if bm != head_dim:  # (else dV's and dK's N is the same number)
+                assert (str(bm) in res["register_a_n"]) == (bm == 32 and head_dim == 128), (case, res)
 
 
 def test_fixed_configs_are_in_the_tuned_spaces(monkeypatch):

@@ -84,12 +84,12 @@ def test_hopper_takes_the_deeper_backward_pipelines_for_wide_bands(monkeypatch):
 
 
 def test_gluon_kernels_fixed_configs_by_band_width(monkeypatch):
-    """One warpgroup per block for the Gluon kernels; the dK/dV pass steps 32 queries up to 4096
-    distances and 64 beyond (both head dims)."""
+    """One warpgroup per block for the Gluon kernels; the dK/dV pass steps 32 queries at head dim
+    128 (K held in registers), and at head dim 64 up to 4096 distances, 64 beyond."""
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
     for head_dim in (64, 128):
         for extent in (256, 4096, 4097, 65536):
             assert autotune.fixed_config("fwd_sm90", head_dim, extent) == LaunchConfig(64, 64, 4, 2)
             assert autotune.fixed_config("dq_sm90", head_dim, extent) == LaunchConfig(64, 64, 4, 2)
-            want = LaunchConfig(64, 64, 4, 2) if extent > 4096 else LaunchConfig(32, 64, 4, 2)
+            want = LaunchConfig(64, 64, 4, 2) if head_dim == 64 and extent > 4096 else LaunchConfig(32, 64, 4, 2)
             assert autotune.fixed_config("dkdv_sm90", head_dim, extent) == want, (head_dim, extent)

@@ -71,9 +71,10 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     ``NOTES.md``): bands wider than 4096 distances take deeper pipelines (dQ 1.10x on dense with
     TMA loads, dK/dV 1.02-1.04x), narrower ones the small dK/dV tiles (1.09-1.14x at 2049
     distances); the deep ones need Hopper's shared memory. The Gluon kernels (``*_sm90``) take one
-    warpgroup per block and two blocks per SM (H200 sweeps); the dK/dV one steps 32 queries at a
-    time up to 4096 distances (1.81 vs 1.87 ms at 2049, 4.68 vs 5.13 ms at 4096) and 64 beyond
-    (12.3 vs 12.6 ms at 8193, 8.3 vs 9.0 ms on dense 16384).
+    warpgroup per block and two blocks per SM (H200 sweeps). The dK/dV one steps 32 queries at a
+    time at head dim 128, where it holds K in registers (11.7 vs 12.1 ms for the 64-query step at
+    8193 distances, 8.04 vs 8.23 on dense 16384, 1.75 vs 1.81 at 2049); at head dim 64 it steps 32
+    queries up to 4096 distances (1.81 vs 1.87 ms at 2049, 4.68 vs 5.13 ms at 4096) and 64 beyond.
     """
     if interpreting():  # small tiles: exercise multi-block logic on tiny shapes
         return LaunchConfig(16, 16, 4, 1)
@@ -90,7 +91,7 @@ def fixed_config(kind: str, block_d: int, extent: int) -> LaunchConfig:
     if kind == "dq_sm90":  # Gluon Hopper dQ: as the forward
         return LaunchConfig(64, 64, 4, 2)
     if kind == "dkdv_sm90":  # Gluon Hopper dK/dV: query step, keys per program, warps, ring depth
-        return LaunchConfig(64, 64, 4, 2) if extent > 4096 else LaunchConfig(32, 64, 4, 2)
+        return LaunchConfig(64, 64, 4, 2) if block_d < 128 and extent > 4096 else LaunchConfig(32, 64, 4, 2)
     if kind == "fwd":
         if bucket == 2:  # long bands, dense: big tiles, two warpgroups
             return LaunchConfig(128, 64, 8, 3)

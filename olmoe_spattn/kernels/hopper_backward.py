@@ -6,7 +6,11 @@ The second pass of the two-pass backward (after :func:`backward.dq_kernel`, whic
 the query blocks that see the tile (at most two ranges, the mirror image of the forward's).
 
 * K and V of the tile are loaded once by TMA and stay in shared memory as the A operands of
-  ``S^T = K Q^T`` and ``dP^T = V dO^T``; Q and dO tiles stream through ``STAGES``-deep rings,
+  ``S^T = K Q^T`` and ``dP^T = V dO^T``. Where the registers allow it (32-query steps at head
+  dim 128), K is also loaded once into registers and ``S^T`` reads it from there: with
+  32-query steps each 16-deep step of that MMA would read 3 KB of operands from shared memory for
+  16 cycles of tensor-core work (more than the 128 bytes per cycle shared memory delivers); with K
+  in registers it reads 1 KB. Q and dO tiles stream through ``STAGES``-deep rings,
   each slot with its own mbarrier, and the blocks' lse and delta rows through rings of their own
   (``cp.async``), read from shared memory where they are used instead of held in registers.
 * Per query block: both score MMAs are issued asynchronously back to back; ``P^T`` is computed
@@ -117,6 +121,11 @@ def dkdv_kernel_sm90(
     key_s: gl.constexpr = gl.SliceLayout(1, st_layout)
     query_s: gl.constexpr = gl.SliceLayout(0, st_layout)
     dtype: gl.constexpr = q_desc.dtype
+    # K in registers costs HEAD_DIM / 4 of them per thread (a warpgroup's 64 keys). Taken where it
+    # was measured faster and checked: 32-query steps at head dim 128. With 64-query steps the dK,
+    # dV and score tiles leave no room (it spills and loses); at head dim 64 with 64-query steps
+    # Triton 3.6 computed wrong dK/dV from the register operand.
+    K_IN_REGISTERS: gl.constexpr = (BLOCK_M == 32) and (HEAD_DIM == 128)
 
     # ---------------------------------------------------------------- shared memory, barriers
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -146,6 +155,10 @@ def dkdv_kernel_sm90(
     dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout))
     dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout))
     mbarrier.wait(kv_bar, 0)
+    if K_IN_REGISTERS:  # [BLOCK_N, HEAD_DIM] as the A operand of S^T = K Q^T
+        k_op = k_smem.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
+    else:
+        k_op = k_smem
 
     it = 0  # tiles consumed so far (all heads): ring slot and phase
     for g in range(0, group):
@@ -178,7 +191,7 @@ def dkdv_kernel_sm90(
                 _zero_rows_past_end(do_ring, slot, mb * BLOCK_M, tq, BLOCK_M, rows_layout)
                 fence_async_shared()
                 cta_barrier()
-            st = warpgroup_mma(k_smem, q_ring.index(slot).permute((1, 0)), st, use_acc=False, is_async=True)
+            st = warpgroup_mma(k_op, q_ring.index(slot).permute((1, 0)), st, use_acc=False, is_async=True)
             dpt = warpgroup_mma(v_smem, do_ring.index(slot).permute((1, 0)), dpt, use_acc=False, is_async=True)
             # groups in flight: [dV, dK of the previous tile,] S^T, dP^T -> all but dP^T are done
             dk, dv, st = warpgroup_mma_wait(1, deps=(dk, dv, st))

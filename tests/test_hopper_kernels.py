@@ -103,6 +103,9 @@ def test_kernels_compile_for_sm90_at_every_tuned_config():
         assert res["shared"] <= 227 * 1024, f"{case}: more shared memory than an SM90 block may have"
         if case[0] == "fwd_sm90_ws":  # two consumer warpgroups and the producer's: 24 + 240 + 240 registers
             assert res["warps"] == 12 and {"24", "240"} <= set(res["setmaxnreg"]), (case, res)
+        if case[0] == "dq_sm90" and case[2] == 128:  # dS always from registers; Q (S's A, N = 64 keys) too
+            assert "128" in res["register_a_n"], (case, res)
+            assert ("64" in res["register_a_n"]) == (case[1][1] == 64), (case, res)
         if case[0] == "dkdv_sm90":  # P^T, dS^T always from registers; K (S^T's A, N = query step) at 32 x 128
             kind, (bm, *_), head_dim = case[:3]
             assert str(head_dim) in res["register_a_n"], (case, res)

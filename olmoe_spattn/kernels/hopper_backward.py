@@ -123,8 +123,8 @@ def dkdv_kernel_sm90(
     dtype: gl.constexpr = q_desc.dtype
     # K in registers costs HEAD_DIM / 4 of them per thread (a warpgroup's 64 keys). Taken where it
     # was measured faster and checked: 32-query steps at head dim 128. With 64-query steps the dK,
-    # dV and score tiles leave no room (it spills and loses); at head dim 64 with 64-query steps
-    # Triton 3.6 computed wrong dK/dV from the register operand.
+    # dV and score tiles leave no room (it spills and loses). Where the query step is as wide as
+    # the head dim (64 at 64), Triton 3.6 computed wrong dK/dV from the register operand.
     K_IN_REGISTERS: gl.constexpr = (BLOCK_M == 32) and (HEAD_DIM == 128)
 
     # ---------------------------------------------------------------- shared memory, barriers
@@ -261,11 +261,10 @@ def dq_kernel_sm90(
     tile over the key blocks it sees, and ``delta = rowsum(dO * O) - dlse`` for its rows (stored
     for the dK/dV pass). Q and dO stay in shared memory (at head dim 128 with 64-key tiles Q is
     also held in registers as the A operand of ``S = Q K^T``, which halves that MMA's
-    shared-memory reads), K
-    and V stream through rings; per key
-    tile ``S = Q K^T`` and ``dP = dO V^T`` are issued back to back, ``P`` is computed while
-    ``dP`` runs, and ``dQ += dS K`` stays in flight until the next tile's scores are issued.
-    Edge tiles mask ``P`` and ``dS``; key rows no query row attends are zeroed in shared memory."""
+    shared-memory reads), K and V stream through rings; per key tile ``S = Q K^T`` and
+    ``dP = dO V^T`` are issued back to back, ``P`` is computed while ``dP`` runs, and
+    ``dQ += dS K`` stays in flight until the next tile's scores are issued. Edge tiles mask ``P``
+    and ``dS``; key rows no query row attends are zeroed in shared memory."""
     gl.static_assert(STAGES >= 2)  # tile t's slots are refilled while tile t + 1's are in use
     m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (latest) tiles first
     h = gl.program_id(1)

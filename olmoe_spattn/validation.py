@@ -81,8 +81,17 @@ def check_q_offset(q_offset: object, *, q_len: int, kv_len: int) -> None:
         )
 
 
+def capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s GPU: reading a
+    GPU tensor's values on the host (``tolist``, ``item``) is then not allowed."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, *, total: int, batch: int) -> None:
-    """``cu_seqlens`` must be an int tensor ``[n_docs + 1]`` from 0 to ``total``, non-decreasing."""
+    """``cu_seqlens`` must be an int tensor ``[n_docs + 1]`` from 0 to ``total``, non-decreasing.
+
+    While a CUDA graph is captured only its type and shape are checked: its values live on the
+    GPU, and reading them would wait for the GPU, which a capture does not allow."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(
             f"cu_seqlens must be a 1-D integer torch.Tensor [n_docs + 1], got {type(cu_seqlens).__name__}"
@@ -94,6 +103,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, *, total: int, batch: int) -> Non
             f"cu_seqlens must be a 1-D integer tensor [n_docs + 1], got {cu_seqlens.dtype} "
             f"shape {tuple(cu_seqlens.shape)}"
         )
+    if capturing_cuda_graph(cu_seqlens):
+        return
     values = cu_seqlens.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..bands import DYNAMIC, BandSpec
-from ..validation import check_kernel_options, check_qkv
+from ..validation import capturing_cuda_graph, check_kernel_options, check_qkv
 from . import launch as _launch
 from .autotune import interpreting
 from .common import Problem
@@ -53,12 +53,36 @@ def _problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_o
 
 def _new_problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale):
     spec = _spec(pattern, n_heads, partition_len)
+    if cu_seqlens is not None and capturing_cuda_graph(q):
+        _check_capturable_documents(cu_seqlens, spec, max_seqlen, q.device)
     if cu_seqlens is not None and max_seqlen < 0:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     return Problem(
         q, k, spec, head_offset=head_offset, q_offset=q_offset, cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen, scale=scale,
     )
+
+
+def _check_capturable_documents(cu_seqlens: torch.Tensor, spec: BandSpec, max_seqlen: int,
+                                device: torch.device) -> None:
+    """Packed documents inside a CUDA graph capture: everything the launch reads on the host
+    must come from arguments, not from ``cu_seqlens``'s values on the GPU."""
+    if cu_seqlens.device != device:
+        raise ValueError(
+            f"under CUDA graph capture cu_seqlens must be on {device} like q, got {cu_seqlens.device} "
+            "(copying it to the GPU is not allowed while capturing)"
+        )
+    if max_seqlen < 0:
+        raise ValueError(
+            "under CUDA graph capture packed documents (cu_seqlens) need max_seqlen: finding the "
+            "longest document would read cu_seqlens on the host, which a capture does not allow"
+        )
+    if spec.is_dynamic:
+        raise ValueError(
+            "a dynamic partition (partition_len='dynamic') with packed documents (cu_seqlens) cannot be "
+            "captured in a CUDA graph: each document's bands are computed on the host from its length; "
+            "use a fixed partition_len"
+        )
 
 
 @torch.library.custom_op("olmoe_spattn::band_attn", mutates_args=())

@@ -136,6 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time each variant for at least this long per round, adding calls (default on CUDA 50, quick 20)",
     )
     parser.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="time each call as the replay of a CUDA graph captured after warmup: GPU time without "
+        "Python and launch costs (CUDA only; a variant that cannot be captured is reported as an error)",
+    )
+    parser.add_argument(
         "--time-budget", type=float, default=None,
         help="seconds; shapes/patterns not started by then are recorded as skipped (default: none)",
     )
@@ -201,6 +206,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     quick = args.quick
+    cuda_graphs = getattr(args, "cuda_graphs", False)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs captures CUDA graphs and needs --device cuda, got --device {device.type}")
     for opt in ("warmup", "iters", "rounds"):
         value = getattr(args, opt)
         if value is not None and (value < (0 if opt == "warmup" else 1)):
@@ -219,6 +227,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
         min_round_ms=args.min_round_ms if args.min_round_ms is not None else (
             (20.0 if quick else 50.0) if device.type == "cuda" else 0.0
         ),
+        cuda_graphs=cuda_graphs,
     )
     if args.shapes:
         shapes = args.shapes

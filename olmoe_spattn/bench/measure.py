@@ -12,7 +12,7 @@ import torch
 from ..bands import BandSpec
 from .kernel import BAND_BACKENDS, DENSE_BACKENDS, Shape
 from .report import BWD_FLOP_FACTOR, DENSE_REF, FLEX_REF, Row, ratio, row_line
-from .timing import Timing, describe_error, measure_interleaved, peak_memory_bytes
+from .timing import Timing, describe_error, graph_replay, measure_interleaved, peak_memory_bytes
 from .variants import AttnFn, build_band_fn, build_dense_fn, supports_backward
 
 
@@ -43,6 +43,7 @@ class Settings:
     time_budget_s: float | None
     seed: int = 0
     min_round_ms: float = 0.0
+    cuda_graphs: bool = False
 
 
 def _fwd_bwd(fn: AttnFn, q, k, v, dout) -> Callable[[], object]:
@@ -73,14 +74,20 @@ def bench_group(
     """Times ``fns`` side by side (forward, then forward+backward) and measures peak memory.
 
     With ``settings.check``, also returns each band variant's largest gradient error
-    (max over dq, dk, dv of max |grad - ref grad|) against ``ref_name``'s gradients.
+    (max over dq, dk, dv of max |grad - ref grad|) against ``ref_name``'s gradients. With
+    ``settings.cuda_graphs`` the timed calls are CUDA graph replays of the same steps; peak
+    memory and errors come from eager calls either way.
     """
     q, k, v, dout = tensors
     kw = dict(
         device=device, warmup=settings.warmup, iters=settings.iters, rounds=settings.rounds,
         min_round_ms=settings.min_round_ms,
     )
-    fwd = measure_interleaved({n: _fwd(f, q, k, v) for n, f in fns.items()}, **kw)
+
+    def timed(step: Callable[[], object]) -> Callable[[], object]:
+        return graph_replay(step, device) if settings.cuda_graphs else step
+
+    fwd = measure_interleaved({n: timed(_fwd(f, q, k, v)) for n, f in fns.items()}, **kw)
     bwd: dict[str, Timing] = {}
     peaks: dict[str, int | None] = {}
     notes: dict[str, str] = {}
@@ -92,7 +99,7 @@ def bench_group(
                 bwd_fns[name] = _fwd_bwd(fn, q, k, v, dout)
             else:
                 notes[name] = why
-        bwd = measure_interleaved(bwd_fns, **kw)
+        bwd = measure_interleaved({n: timed(step) for n, step in bwd_fns.items()}, **kw)
         for name, step in bwd_fns.items():
             if bwd[name].error is None:
                 try:

@@ -160,6 +160,7 @@ def overhead(rep_ms: float) -> list[str]:
     from ..bands import BandSpec
     from ..kernels import launch, triton_band_attention
     from ..kernels.op import _problem
+    from .timing import graph_replay
 
     class Identity(torch.autograd.Function):
         @staticmethod
@@ -196,6 +197,7 @@ def overhead(rep_ms: float) -> list[str]:
         "ours no_grad fwd": lambda: triton_band_attention(qd, kd, vd, spec),
         "ours fwd+bwd (autograd)": _fwd_bwd(lambda a, b_, c: triton_band_attention(a, b_, c, spec), q, k, v, g),
     }
+    cases["ours fwd+bwd, CUDA graph replay"] = graph_replay(cases["ours fwd+bwd (autograd)"], q.device)
     lines = [f"B,H,T,D = {b},{h},{t},{d}, exclusive_bands", "",
              "| case | host us/call (enqueue only) | do_bench ms |", "|---|---:|---:|"]
     for name, fn in cases.items():

@@ -5,6 +5,8 @@ timed in the same process, in interleaved rounds (variant A, B, C, then again in
 rotated order), and the median of all timed calls is reported. On CUDA a kernel's round is
 ``triton.testing.do_bench`` (CUDA events around each call, L2 cache cleared before each);
 on CPU, where do_bench cannot run, calls are timed with ``time.perf_counter``.
+With ``--cuda-graphs`` each timed call is the replay of a CUDA graph captured from the
+variant's call (:func:`graph_replay`): GPU time without Python and launch costs.
 """
 
 from __future__ import annotations
@@ -72,6 +74,39 @@ def time_calls(fn: Callable[[], object], device: torch.device, *, iters: int, mi
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def graph_replay(fn: Callable[[], object], device: torch.device, warmup: int = 2) -> Callable[[], object]:
+    """``fn`` as a CUDA graph replay: the first call runs ``fn`` ``warmup`` times on a side stream
+    (the capture needs its caches, compiled kernels and autotuning done), captures one call into a
+    :class:`torch.cuda.CUDAGraph`, then replays it; later calls only replay. Each call returns the
+    captured call's outputs, which every replay overwrites in place.
+
+    A ``fn`` that cannot be captured (it synchronizes with the host, for one) raises a
+    ``RuntimeError`` naming the capture as the step that failed.
+    """
+    state: dict[str, object] = {}
+
+    def call() -> object:
+        graph = state.get("graph")
+        if graph is None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    state["out"] = fn()
+            except Exception as err:  # noqa: BLE001 - re-raised with the step named
+                raise RuntimeError(f"CUDA graph capture failed: {describe_error(err)}") from err
+            state["graph"] = graph
+        graph.replay()  # type: ignore[union-attr]
+        return state["out"]
+
+    return call
 
 
 def warm_up_device(device: torch.device, seconds: float = 1.0) -> None:

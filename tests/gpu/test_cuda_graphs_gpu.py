@@ -67,6 +67,24 @@ def test_replay_matches_eager_on_new_inputs(name):
         assert got[0].abs().sum() > 0
 
 
+def test_decode_step_replays_on_new_inputs():
+    """A decode step (one query per sequence: the split-key kernel and its combine launch)."""
+    spec = BandSpec("spattention", 8, 4096)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(4, 1, 8, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(4, 3001, 2, 128, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+
+    def step():
+        with torch.no_grad():
+            return band_attention(q, k, v, spec, backend="triton")
+
+    replay = graph_replay(step, torch.device("cuda"))
+    for _ in range(2):
+        for x in (q, k, v):
+            x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
+        assert torch.equal(replay().clone(), step())
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(spec=BandSpec("spattention", 4, 96)), "need max_seqlen"),
     (dict(spec=BandSpec("spattention", 4, "dynamic"), max_seqlen=233), "use a fixed partition_len"),

@@ -20,7 +20,7 @@ def test_bench_kernel_help_lists_options():
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    for option in ("--shapes", "--patterns", "--backends", "--quick", "--no-fa4", "--out-dir"):
+    for option in ("--shapes", "--patterns", "--backends", "--quick", "--no-fa4", "--out-dir", "--cuda-graphs"):
         assert option in proc.stdout
 
 

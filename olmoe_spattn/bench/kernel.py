@@ -206,7 +206,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     quick = args.quick
-    cuda_graphs = getattr(args, "cuda_graphs", False)
+    cuda_graphs = args.cuda_graphs
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs captures CUDA graphs and needs --device cuda, got --device {device.type}")
     for opt in ("warmup", "iters", "rounds"):

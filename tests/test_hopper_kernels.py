@@ -63,12 +63,13 @@ def signature(kind, bm, bn, head_dim, dtype):
 KERNELS = {"fwd_sm90": hopper_forward.fwd_kernel_sm90, "dq_sm90": hopper_backward.dq_kernel_sm90,
            "dkdv_sm90": hopper_backward.dkdv_kernel_sm90, "fwd_sm90_ws": hopper_forward_ws.fwd_kernel_sm90_ws}
 results = []
-for kind, (bm, bn, warps, stages), head_dim, dtype, varlen in json.loads(sys.argv[1]):
+for kind, (bm, bn, warps, stages), head_dim, dtype, varlen, row_major in json.loads(sys.argv[1]):
     sig = signature(kind, bm, bn, head_dim, dtype)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, IS_VARLEN=varlen)
     if kind == "dq_sm90":
         constexprs["HAS_DLSE"] = varlen
     constexprs["num_warps"] = warps
+    constexprs["ROW_MAJOR_STORE"] = row_major
     names = list(sig) + list(constexprs)
     sig.update(dict.fromkeys(constexprs, "constexpr"))
     src = GluonASTSource(KERNELS[kind], sig, {(names.index(k),): v for k, v in constexprs.items()})
@@ -88,9 +89,14 @@ print(json.dumps(results))
 
 def test_kernels_compile_for_sm90_at_every_tuned_config():
     """Forward, dQ and dK/dV at every configuration of their tuned spaces (the defaults are
-    among them), head dim 128 in bf16 and 64 in fp16 with packed documents."""
-    cases = [(kind, cfg, head_dim, dtype, varlen) for kind in ("fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90")
-             for cfg in autotune._SPACE[kind] for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True))]
+    among them), head dim 128 in bf16 and 64 in fp16 with packed documents, with the output stores
+    the launches choose (row-major or from the MMA layout: both for dK/dV at head dim 64)."""
+    cases = []
+    for kind in ("fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90"):
+        for cfg in autotune._SPACE[kind]:
+            for head_dim, dtype, varlen in ((128, "bf16", False), (64, "fp16", True)):
+                for row_major in sorted({autotune.row_major_store(kind, head_dim, e) for e in (64, 16384)}):
+                    cases.append((kind, cfg, head_dim, dtype, varlen, row_major))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
                           capture_output=True, text=True, timeout=900)

@@ -20,6 +20,8 @@ the query blocks that see the tile (at most two ranges, the mirror image of the 
 * Edge tiles take the exact element mask (``P^T`` and ``dS^T`` are 0 outside the band). On a
   sequence's last query block, the Q and dO rows past its end (the next batch row's or document's,
   read by the 2-D descriptor) are zeroed in shared memory, so they add exactly 0.
+* dK and dV leave from a row-major register layout (``ROW_MAJOR_STORE``, one trip through shared
+  memory) where that was measured faster than storing the MMA layout's 4-byte pairs.
 
 Requires head dim 64 or 128 (the tile's D), bf16 or fp16.
 """
@@ -100,6 +102,7 @@ def dkdv_kernel_sm90(
     STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
+    ROW_MAJOR_STORE: gl.constexpr = False,
 ):
     gl.static_assert(STAGES >= 2)  # a block's slot is refilled while the next block's is in use
     n = gl.program_id(0)
@@ -229,14 +232,20 @@ def dkdv_kernel_sm90(
         mbarrier.invalidate(do_bars.index(s))
 
     # ---------------------------------------------------------------- epilogue
-    keys_o = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    if ROW_MAJOR_STORE:  # 16 contiguous bytes per thread, whole sectors (autotune.row_major_store)
+        out_layout: gl.constexpr = rows_layout
+    else:
+        out_layout: gl.constexpr = kv_layout
+    dk_o = gl.convert_layout((dk * sm_scale).to(dtype), out_layout)
+    dv_o = gl.convert_layout(dv.to(dtype), out_layout)
+    keys_o = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
     kv_mask = gl.expand_dims(keys_o < tk, 1) & gl.expand_dims(offs_d < HEAD_DIM, 0)
     rows = gl.expand_dims((seq_start + keys_o).to(gl.int64), 1)
     dk_ptrs = DK + b.to(gl.int64) * stride_dkb + rows * stride_dkt + h_kv * stride_dkh + gl.expand_dims(offs_d, 0)
-    gl.store(dk_ptrs, (dk * sm_scale).to(dtype), mask=kv_mask)
+    gl.store(dk_ptrs, dk_o, mask=kv_mask)
     dv_ptrs = DV + b.to(gl.int64) * stride_dvb + rows * stride_dvt + h_kv * stride_dvh + gl.expand_dims(offs_d, 0)
-    gl.store(dv_ptrs, dv.to(dtype), mask=kv_mask)
+    gl.store(dv_ptrs, dv_o, mask=kv_mask)
 
 
 @gluon.jit
@@ -256,6 +265,7 @@ def dq_kernel_sm90(
     IS_VARLEN: gl.constexpr,
     HAS_DLSE: gl.constexpr,
     num_warps: gl.constexpr,
+    ROW_MAJOR_STORE: gl.constexpr = False,
 ):
     """The first pass of the two-pass backward (as :func:`backward.dq_kernel`): dQ of one query
     tile over the key blocks it sees, and ``delta = rowsum(dO * O) - dlse`` for its rows (stored
@@ -381,9 +391,14 @@ def dq_kernel_sm90(
         mbarrier.invalidate(k_bars.index(s))
         mbarrier.invalidate(v_bars.index(s))
 
-    offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+    if ROW_MAJOR_STORE:  # 16 contiguous bytes per thread, whole sectors (autotune.row_major_store)
+        out_layout: gl.constexpr = rows_layout
+    else:
+        out_layout: gl.constexpr = dq_layout
+    dq_o = gl.convert_layout((dq * sm_scale).to(dtype), out_layout)
+    offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
     dq_ptrs = (DQ + b.to(gl.int64) * stride_dqb + gl.expand_dims((seq_start + offs_mo).to(gl.int64) * stride_dqt, 1)
                + h * stride_dqh + gl.expand_dims(offs_do, 0))
     dq_mask = gl.expand_dims(offs_mo < tq, 1) & gl.expand_dims(offs_do < HEAD_DIM, 0)
-    gl.store(dq_ptrs, (dq * sm_scale).to(dtype), mask=dq_mask)
+    gl.store(dq_ptrs, dq_o, mask=dq_mask)

@@ -67,25 +67,39 @@ def softmax_next_tile(s_acc, m_i, l_i, qk_scale):
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
+@gluon.constexpr_function
+def row_major_like(layout, head_dim):
+    """The row-major layout (:func:`blocked_rows_layout`) for the warps of MMA layout ``layout``."""
+    return blocked_rows_layout(head_dim, layout.warps_per_cta[0])
+
+
 @gluon.jit
-def store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, first_row, tq):
+def store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, first_row, tq,
+                      ROW_MAJOR: gl.constexpr = False):
     """Normalizes the ``[rows, D]`` accumulator ``acc`` and stores it with its log-sum-exp for
     rows ``first_row ..`` (relative to the sequence; those ``>= tq`` are skipped). Rows that
-    attend nothing (``l = 0``) get output 0 and log-sum-exp ``-inf``."""
+    attend nothing (``l = 0``) get output 0 and log-sum-exp ``-inf``. With ``ROW_MAJOR`` the
+    output is stored from a row-major layout (whole 32-byte sectors, after one trip through shared
+    memory) instead of from the MMA layout."""
     o_layout: gl.constexpr = acc.type.layout
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_o = gl.convert_layout(l_i, row_o)
     empty = l_o == 0.0
-    out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
-    offs_mo = first_row + gl.arange(0, acc.type.shape[0], layout=row_o)
-    offs_do = gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, o_layout))
-    row_ok = offs_mo < tq
+    out = (acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)).to(Out.dtype.element_ty)
+    if ROW_MAJOR:
+        st_layout: gl.constexpr = row_major_like(o_layout, acc.type.shape[1])
+        out = gl.convert_layout(out, st_layout)
+    else:
+        st_layout: gl.constexpr = o_layout
+    offs_mo = first_row + gl.arange(0, acc.type.shape[0], layout=gl.SliceLayout(1, st_layout))
+    offs_do = gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, st_layout))
     o_ptrs = Out + out_base + gl.expand_dims(offs_mo.to(gl.int64) * stride_ot, 1) + gl.expand_dims(offs_do, 0)
-    o_mask = gl.expand_dims(row_ok, 1) & gl.expand_dims(offs_do < acc.type.shape[1], 0)
-    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    o_mask = gl.expand_dims(offs_mo < tq, 1) & gl.expand_dims(offs_do < acc.type.shape[1], 0)
+    gl.store(o_ptrs, out, mask=o_mask)
     m_o = gl.convert_layout(m_i, row_o)
     lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
-    gl.store(Lse + lse_base + offs_mo, lse, mask=row_ok)
+    offs_ml = first_row + gl.arange(0, acc.type.shape[0], layout=row_o)
+    gl.store(Lse + lse_base + offs_ml, lse, mask=offs_ml < tq)
 
 
 @gluon.jit

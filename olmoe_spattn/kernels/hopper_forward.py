@@ -65,6 +65,7 @@ def fwd_kernel_sm90(
     STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
+    ROW_MAJOR_STORE: gl.constexpr = False,
 ):
     gl.static_assert(STAGES >= 2)  # tile t's V slot is refilled after tile t + 1's scores are issued
     # ---------------------------------------------------------------- which tile
@@ -172,4 +173,4 @@ def fwd_kernel_sm90(
     # ---------------------------------------------------------------- epilogue
     out_base = b.to(gl.int64) * stride_ob + seq_start.to(gl.int64) * stride_ot + h * stride_oh
     lse_base = b.to(gl.int64) * stride_lb + h * stride_lh + seq_start
-    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m * BLOCK_M, tq)
+    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m * BLOCK_M, tq, ROW_MAJOR_STORE)

@@ -76,7 +76,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_r
 
 
 @gluon.jit
-def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
+def _consume(WG: gl.constexpr, ROW_MAJOR: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
              Out, Lse, out_base, lse_base, stride_ot, m_row0, tq, tk, i0, i1, i_end, n_tot, n0, a0, a1,
              lo0, hi0, lo1, hi1, sm_scale):
     """Consumer warpgroup ``WG``: rows ``WG * BLOCK_M ..`` of the tile, output and log-sum-exp."""
@@ -143,7 +143,7 @@ def _consume(WG: gl.constexpr, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, 
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last), count=1)
 
-    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m_row0 + WG * BLOCK_M, tq)
+    store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, m_row0 + WG * BLOCK_M, tq, ROW_MAJOR)
 
 
 @gluon.jit
@@ -161,6 +161,7 @@ def fwd_kernel_sm90_ws(
     STAGES: gl.constexpr,
     IS_VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
+    ROW_MAJOR_STORE: gl.constexpr = False,
 ):
     """One program per ``2 * BLOCK_M``-row query tile, head and batch row or packed document
     (grid as :func:`hopper_forward.fwd_kernel_sm90`'s with twice the rows per tile); launch with
@@ -200,8 +201,8 @@ def fwd_kernel_sm90_ws(
                      Out, Lse, out_base, lse_base, stride_ot, m_row0, tq, tk, i0, i1, i_end, n_tot, n0, a0, a1,
                      lo0, hi0, lo1, hi1, sm_scale)
     gl.warp_specialize([
-        (_consume, (0,) + consumer_args),  # the default partition: this program's own warps
-        (_consume, (1,) + consumer_args),
+        (_consume, (0, ROW_MAJOR_STORE) + consumer_args),  # the default partition: this program's own warps
+        (_consume, (1, ROW_MAJOR_STORE) + consumer_args),
         (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready, k_empty, v_empty,
                     q_row, h * HEAD_DIM, kv_row0, h_kv * HEAD_DIM, n_tot, n0, a0, a1)),
     ], [CONSUMER_WARPS, 1], [240, 24])

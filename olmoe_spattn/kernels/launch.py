@@ -47,7 +47,16 @@ import os
 import torch
 import triton
 
-from .autotune import LaunchConfig, autotune_enabled, cuda_major, fixed_config, interpreting, pick, tuning_key
+from .autotune import (
+    LaunchConfig,
+    autotune_enabled,
+    cuda_major,
+    fixed_config,
+    interpreting,
+    pick,
+    row_major_store,
+    tuning_key,
+)
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
 from .common import Problem
 from .decode import run_decode, use_decode_path
@@ -251,10 +260,11 @@ def _sm90_tail(p: Problem, lse: torch.Tensor) -> tuple:
     return (lse.stride(0), lse.stride(1), p.table_doc_stride, p.tq, p.tk, p.q_offset, p.group, p.scale)
 
 
-def _sm90_constexprs(p: Problem, c: LaunchConfig) -> dict:
+def _sm90_constexprs(kind: str, p: Problem, c: LaunchConfig) -> dict:
     """The compile-time arguments every Gluon kernel takes for one launch configuration."""
     return dict(HEAD_DIM=p.head_dim, BLOCK_M=c.block_m, BLOCK_N=c.block_n, STAGES=c.num_stages,
-                IS_VARLEN=p.is_varlen, num_warps=c.num_warps)
+                IS_VARLEN=p.is_varlen, num_warps=c.num_warps,
+                ROW_MAJOR_STORE=row_major_store(kind, p.block_d, p.extent))
 
 
 def _launch_sm90(kind: str, p: Problem, dtype: torch.dtype, run) -> None:
@@ -277,7 +287,7 @@ def _run_forward_gluon(kind: str, kernel, rows_per_block: int, q: torch.Tensor, 
             sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
             out, lse, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
-            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), **launch_options,
+            *_sm90_tail(p, lse), **_sm90_constexprs(kind, p, c), **launch_options,
         )
 
     _launch_sm90(kind, p, q.dtype, run)
@@ -311,7 +321,7 @@ def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
             sm90_descriptor(do, c.block_m), out, dq, lse, lse if dlse is None else dlse, delta, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *_sm90_tail(p, lse), **_sm90_constexprs(p, c), HAS_DLSE=dlse is not None,
+            *_sm90_tail(p, lse), **_sm90_constexprs("dq_sm90", p, c), HAS_DLSE=dlse is not None,
         )
 
     _launch_sm90("dq_sm90", p, q.dtype, run)
@@ -328,7 +338,7 @@ def run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
             sm90_descriptor(do, c.block_m), dk, dv, lse, delta, p.table, p.cu,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *_sm90_tail(p, lse), **_sm90_constexprs(p, c),
+            *_sm90_tail(p, lse), **_sm90_constexprs("dkdv_sm90", p, c),
         )
 
     _launch_sm90("dkdv_sm90", p, q.dtype, run)

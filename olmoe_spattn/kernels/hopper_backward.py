@@ -54,6 +54,7 @@ from .hopper_common import (
     cta_barrier,
     issue_load,
     mma_layout,
+    output_store_layout,
     query_tile_keys,
     tile_ring,
     tma_load,
@@ -232,10 +233,7 @@ def dkdv_kernel_sm90(
         mbarrier.invalidate(do_bars.index(s))
 
     # ---------------------------------------------------------------- epilogue
-    if ROW_MAJOR_STORE:  # 16 contiguous bytes per thread, whole sectors (autotune.row_major_store)
-        out_layout: gl.constexpr = rows_layout
-    else:
-        out_layout: gl.constexpr = kv_layout
+    out_layout: gl.constexpr = output_store_layout(kv_layout, HEAD_DIM, ROW_MAJOR_STORE)
     dk_o = gl.convert_layout((dk * sm_scale).to(dtype), out_layout)
     dv_o = gl.convert_layout(dv.to(dtype), out_layout)
     keys_o = j0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
@@ -391,10 +389,7 @@ def dq_kernel_sm90(
         mbarrier.invalidate(k_bars.index(s))
         mbarrier.invalidate(v_bars.index(s))
 
-    if ROW_MAJOR_STORE:  # 16 contiguous bytes per thread, whole sectors (autotune.row_major_store)
-        out_layout: gl.constexpr = rows_layout
-    else:
-        out_layout: gl.constexpr = dq_layout
+    out_layout: gl.constexpr = output_store_layout(dq_layout, HEAD_DIM, ROW_MAJOR_STORE)
     dq_o = gl.convert_layout((dq * sm_scale).to(dtype), out_layout)
     offs_mo = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     offs_do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))

@@ -68,9 +68,11 @@ def softmax_next_tile(s_acc, m_i, l_i, qk_scale):
 
 
 @gluon.constexpr_function
-def row_major_like(layout, head_dim):
-    """The row-major layout (:func:`blocked_rows_layout`) for the warps of MMA layout ``layout``."""
-    return blocked_rows_layout(head_dim, layout.warps_per_cta[0])
+def output_store_layout(mma, head_dim, row_major):
+    """The register layout an output tile in MMA layout ``mma`` is stored from: ``mma`` itself, or
+    with ``row_major`` the row-major :func:`blocked_rows_layout` for its warps, where each thread
+    writes 16 contiguous bytes (whole 32-byte sectors; see ``autotune.row_major_store``)."""
+    return blocked_rows_layout(head_dim, mma.warps_per_cta[0]) if row_major else mma
 
 
 @gluon.jit
@@ -85,12 +87,8 @@ def store_output_rows(acc, m_i, l_i, Out, Lse, out_base, lse_base, stride_ot, fi
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_o = gl.convert_layout(l_i, row_o)
     empty = l_o == 0.0
-    out = (acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)).to(Out.dtype.element_ty)
-    if ROW_MAJOR:
-        st_layout: gl.constexpr = row_major_like(o_layout, acc.type.shape[1])
-        out = gl.convert_layout(out, st_layout)
-    else:
-        st_layout: gl.constexpr = o_layout
+    st_layout: gl.constexpr = output_store_layout(o_layout, acc.type.shape[1], ROW_MAJOR)
+    out = gl.convert_layout((acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)).to(Out.dtype.element_ty), st_layout)
     offs_mo = first_row + gl.arange(0, acc.type.shape[0], layout=gl.SliceLayout(1, st_layout))
     offs_do = gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, st_layout))
     o_ptrs = Out + out_base + gl.expand_dims(offs_mo.to(gl.int64) * stride_ot, 1) + gl.expand_dims(offs_do, 0)

@@ -93,3 +93,19 @@ def test_gluon_kernels_fixed_configs_by_band_width(monkeypatch):
             assert autotune.fixed_config("dq_sm90", head_dim, extent) == LaunchConfig(64, 64, 4, 2)
             want = LaunchConfig(64, 64, 4, 2) if head_dim == 64 and extent > 4096 else LaunchConfig(32, 64, 4, 2)
             assert autotune.fixed_config("dkdv_sm90", head_dim, extent) == want, (head_dim, extent)
+
+
+def test_row_major_output_stores_where_measured_faster():
+    """Every Gluon kernel stores its output row-major, except the dK/dV pass at head dim 64 on
+    bands wider than 256 distances (measured slower there); the launch passes that choice on."""
+    from types import SimpleNamespace
+
+    from olmoe_spattn.kernels.launch import _sm90_constexprs
+
+    for kind in ("fwd_sm90", "fwd_sm90_ws", "dq_sm90", "dkdv_sm90"):
+        for extent in (64, 256, 257, 1024, 65536):
+            assert autotune.row_major_store(kind, 128, extent), (kind, extent)
+            want = kind != "dkdv_sm90" or extent <= 256
+            assert autotune.row_major_store(kind, 64, extent) == want, (kind, extent)
+            p = SimpleNamespace(head_dim=64, block_d=64, extent=extent, is_varlen=False)
+            assert _sm90_constexprs(kind, p, LaunchConfig(64, 64, 4, 2))["ROW_MAJOR_STORE"] == want, (kind, extent)

@@ -59,6 +59,7 @@ from .autotune import (
 )
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
 from .common import Problem
+from .cute_launch import cute_backward_ok, run_backward_cute
 from .decode import run_decode, use_decode_path
 from .forward import fwd_kernel
 
@@ -437,25 +438,52 @@ def run_dkdv(do, q, k, v, lse, delta, dk, dv, p: Problem, dq_acc: torch.Tensor |
     )
 
 
-#: ``OLMOE_SPATTN_BWD``: force a backward schedule (``one_pass`` or ``two_pass``).
-BWD_SCHEDULES = ("one_pass", "two_pass")
+#: ``OLMOE_SPATTN_BWD``: the backward schedule. ``auto`` (or unset): the CuTe one-pass kernel where
+#: it can run (:func:`use_cute_backward`), else two-pass; ``cute``: the CuTe kernel wherever it can
+#: run (other calls as ``auto``); ``one_pass``: the Triton one-pass kernel (atomic fp32 dQ);
+#: ``two_pass``: the deterministic Triton pair.
+BWD_SCHEDULES = ("auto", "cute", "one_pass", "two_pass")
+#: Narrowest band (distances per head) that ``auto`` gives the CuTe backward.
+AUTO_CUTE_BWD_MIN_EXTENT = 0
+
+
+def forced_schedule() -> str:
+    """``OLMOE_SPATTN_BWD`` checked against :data:`BWD_SCHEDULES` (``auto`` when unset or empty)."""
+    forced = os.environ.get("OLMOE_SPATTN_BWD", "") or "auto"
+    if forced not in BWD_SCHEDULES:
+        raise ValueError(f"OLMOE_SPATTN_BWD={forced!r}; allowed: {', '.join(BWD_SCHEDULES)}")
+    return forced
 
 
 def use_one_pass(deterministic: bool) -> bool:
-    """Whether the backward takes the one-pass (atomic dQ) schedule for this call.
-
-    Never when ``deterministic`` or under ``torch.use_deterministic_algorithms(True)``;
-    ``OLMOE_SPATTN_BWD`` forces a schedule; otherwise two-pass, which measured faster for every
-    band pattern on an H200 (``NOTES.md``).
-    """
+    """Whether the backward takes the Triton one-pass (atomic dQ) schedule for this call:
+    only when ``OLMOE_SPATTN_BWD=one_pass``, and never when ``deterministic`` or under
+    ``torch.use_deterministic_algorithms(True)`` (it measured slower than two passes on every band
+    pattern on an H200, ``NOTES.md``)."""
     if deterministic or torch.are_deterministic_algorithms_enabled():
         return False
-    forced = os.environ.get("OLMOE_SPATTN_BWD", "")
-    if forced:
-        if forced not in BWD_SCHEDULES:
-            raise ValueError(f"OLMOE_SPATTN_BWD={forced!r}; allowed: {', '.join(BWD_SCHEDULES)}")
-        return forced == "one_pass"
-    return False
+    return forced_schedule() == "one_pass"
+
+
+def use_cute_backward(p: Problem, deterministic: bool, *tensors: torch.Tensor) -> bool:
+    """Whether the backward takes the CuTe one-pass kernel (:mod:`.cute_launch`): never when
+    ``deterministic`` or under ``torch.use_deterministic_algorithms(True)`` (its dQ adds arrive in
+    any order), nor when ``OLMOE_SPATTN_BWD`` names a Triton schedule or ``OLMOE_SPATTN_TRITON_FEATURES``
+    forces Triton kernels; otherwise wherever :func:`.cute_launch.cute_backward_ok` accepts the call
+    (an SM90 GPU, bf16/fp16, head dim 128, no GQA, no packed documents, ``nvidia-cutlass-dsl`` and
+    ``quack-kernels`` installed), for bands of at least ``AUTO_CUTE_BWD_MIN_EXTENT`` distances
+    unless ``OLMOE_SPATTN_BWD=cute``."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return False
+    forced = forced_schedule()
+    if forced in ("one_pass", "two_pass"):
+        return False
+    if forced == "auto":
+        if os.environ.get("OLMOE_SPATTN_TRITON_FEATURES", "auto").strip() != "auto":
+            return False
+        if p.extent < AUTO_CUTE_BWD_MIN_EXTENT:
+            return False
+    return cute_backward_ok(p, *tensors)
 
 
 def run_backward(
@@ -471,12 +499,15 @@ def run_backward(
 ):
     """``(dq, dk, dv)``; ``dlse`` (gradient of the returned log-sum-exp) is optional.
 
-    ``deterministic`` keeps the two-pass schedule (bit-identical gradients run to run).
+    ``deterministic`` keeps the two-pass schedule (bit-identical gradients run to run); otherwise
+    the CuTe one-pass kernel runs where :func:`use_cute_backward` allows it.
     """
+    if p.tq == 0 or p.tk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if use_cute_backward(p, deterministic, q, k, v, out, do):
+        return run_backward_cute(do, q, k, v, out, lse, p, dlse)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if p.tq == 0 or p.tk == 0:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)  # [B, H, Tq] fp32
     if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta
         dlse = dlse.to(torch.float32).contiguous()

@@ -1,0 +1,136 @@
+"""Host side of the one-pass CuTe backward (:mod:`.cute_backward`): which calls take it, and one call.
+
+A call runs three launches per group of heads: :func:`.backward.padded_row_stats_kernel` (once, for
+all heads: ``lse2`` and ``delta``, padded to whole 64-row blocks), the backward kernel (``dk``, ``dv``
+and the fp32 dQ accumulator) and :class:`.cute_backward.DqFromAccumulator` (``dq``). The fp32
+accumulator holds ``Tpad * D`` floats per (batch row, head), twice ``q``'s bytes for all heads; when
+that is more than :data:`ACC_MAX_FRACTION` of the call's inputs and gradients, the heads run in
+groups whose accumulator stays under it (one buffer, reused), so the backward's peak memory stays
+within a few percent of its tensors.
+
+The kernels are compiled once per dtype for any shape (symbolic sizes and strides, TVM FFI calls with
+torch tensors on the current stream); the compilation takes a few seconds on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+import triton
+
+from .backward import padded_row_stats_kernel
+from .common import Problem
+
+HEAD_DIM = 128
+ROW_BLOCK = 64  # the kernel's query step: dq_acc, lse2 and delta are padded to whole blocks
+#: Largest fp32 dQ accumulator, as a fraction of the bytes of q, k, v, out, dout, dq, dk, dv.
+ACC_MAX_FRACTION = 1 / 16
+#: Below this many accumulator bytes the heads are never split (a few MiB cost nothing).
+ACC_ALWAYS_OK_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def cute_installed() -> bool:
+    """Whether the CuTe DSL (``nvidia-cutlass-dsl``) and ``quack-kernels`` can be imported."""
+    return all(importlib.util.find_spec(name) is not None for name in ("cutlass", "quack"))
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """Unit stride along D, 16-byte aligned strides and data (what TMA descriptors need)."""
+    elt = x.element_size()
+    return x.stride(-1) == 1 and all((s * elt) % 16 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+
+
+def cute_call_supported(p: Problem, *tensors: torch.Tensor) -> bool:
+    """Whether the call's shapes and tensors suit the CuTe backward: bf16/fp16, head dim 128, one
+    query head per kv head, no packed documents, and TMA-ready tensors of one dtype."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if p.head_dim != HEAD_DIM or p.group != 1 or p.is_varlen:
+        return False
+    return all(t.dtype == dtype and _tma_ready(t) for t in tensors)
+
+
+def cute_backward_ok(p: Problem, *tensors: torch.Tensor) -> bool:
+    """Whether this call can take the CuTe backward: an SM90 GPU, the CuTe DSL installed and
+    :func:`cute_call_supported`."""
+    x = tensors[0]
+    if not x.is_cuda or not cute_call_supported(p, *tensors):
+        return False
+    return torch.cuda.get_device_capability(x.device) == (9, 0) and cute_installed()
+
+
+def head_groups(n_heads: int, acc_bytes_per_head: int, io_bytes: int) -> list[tuple[int, int]]:
+    """``[(h0, h1), ...]``: consecutive head ranges whose fp32 accumulator fits the budget
+    (:data:`ACC_MAX_FRACTION` of ``io_bytes``, at least :data:`ACC_ALWAYS_OK_BYTES`), as even as
+    possible; all heads at once when they fit."""
+    budget = max(io_bytes * ACC_MAX_FRACTION, ACC_ALWAYS_OK_BYTES)
+    per_group = max(1, min(n_heads, int(budget // max(acc_bytes_per_head, 1))))
+    n_groups = math.ceil(n_heads / per_group)
+    size = math.ceil(n_heads / n_groups)
+    return [(h0, min(h0 + size, n_heads)) for h0 in range(0, n_heads, size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(dtype: torch.dtype, mask_every_step: bool = False):
+    """``(backward, dq_from_acc)`` compiled for ``dtype`` and any shape (``mask_every_step``: the
+    element mask on full tiles too, a measurement switch)."""
+    import cutlass
+    import cutlass.cute as cute
+    from quack.compile_utils import make_fake_tensor
+
+    from . import cute_backward as kernels
+
+    elt = cutlass.BFloat16 if dtype == torch.bfloat16 else cutlass.Float16
+    sym = cute.sym_int
+    b, tq, tk, h, t_pad, acc_len = sym(), sym(), sym(), sym(), sym(), sym()
+    per_16_bytes = 8  # elements of 2 bytes in 16 bytes
+    q_like = lambda: make_fake_tensor(elt, (b, tq, h, HEAD_DIM), divisibility=per_16_bytes)  # noqa: E731
+    k_like = lambda: make_fake_tensor(elt, (b, tk, h, HEAD_DIM), divisibility=per_16_bytes)  # noqa: E731
+    stats = lambda: make_fake_tensor(cutlass.Float32, (b, h, t_pad), divisibility=4)  # noqa: E731
+    acc = make_fake_tensor(cutlass.Float32, (b, h, acc_len), divisibility=4)
+    bands = make_fake_tensor(cutlass.Int32, (h, 4), divisibility=4)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    options = "--enable-tvm-ffi"
+    backward = cute.compile(
+        kernels.BandBackwardSm90(elt, mask_every_step), q_like(), k_like(), k_like(), q_like(), stats(), stats(), acc,
+        k_like(), k_like(), bands, cutlass.Float32(1.0), cutlass.Int32(0), stream, options=options)
+    finish = cute.compile(kernels.DqFromAccumulator(elt), acc, q_like(), cutlass.Float32(1.0), stream,
+                          options=options)
+    return backward, finish
+
+
+def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, p: Problem, dlse: torch.Tensor | None = None):
+    """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``)."""
+    backward, finish = _compiled(q.dtype)
+    b, tq, h, d = q.shape
+    t_pad = triton.cdiv(tq, ROW_BLOCK) * ROW_BLOCK
+    lse2 = torch.empty(b, h, t_pad, device=q.device, dtype=torch.float32)
+    delta = torch.empty_like(lse2)
+    lse_c = lse.contiguous()
+    padded_row_stats_kernel[(t_pad // ROW_BLOCK, h, b)](
+        out, do, lse_c, lse_c if dlse is None else dlse.to(torch.float32).contiguous(), lse2, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        lse_c.stride(0), lse_c.stride(1),
+        tq, t_pad,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=ROW_BLOCK, HAS_DLSE=dlse is not None, num_warps=4,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    bands = p.table[0].reshape(h, 4)  # [H, 4] int32: lo0, hi0, lo1, hi1
+    io_bytes = 4 * (q.numel() + k.numel()) * q.element_size()  # q, out, do, dq; k, v, dk, dv
+    groups = head_groups(h, b * t_pad * d * 4, io_bytes)
+    acc = torch.empty(b, groups[0][1] - groups[0][0], t_pad * d, device=q.device, dtype=torch.float32)
+    for h0, h1 in groups:
+        acc_h = acc[:, : h1 - h0]
+        acc_h.zero_()
+        heads = slice(h0, h1)
+        backward(q[:, :, heads], k[:, :, heads], v[:, :, heads], do[:, :, heads], lse2[:, heads], delta[:, heads],
+                 acc_h, dk[:, :, heads], dv[:, :, heads], bands[heads], p.scale, p.q_offset)
+        finish(acc_h, dq[:, :, heads], p.scale)
+    return dq, dk, dv

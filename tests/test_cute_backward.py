@@ -1,0 +1,232 @@
+"""The CuTe one-pass backward on a CPU machine.
+
+What runs here: the Triton kernel that prepares its row statistics (in the interpreter), the head
+groups that bound its fp32 dQ accumulator, which calls take it, the step walk each CTA follows (the
+CuTe DSL code itself, executed on the host and compared with a brute force over every (query, key)
+pair), and the kernels' compilation for SM90 (no GPU needed). Its numbers are checked against the
+float64 oracle on the GPU (``tests/gpu/test_cute_backward_gpu.py``).
+"""
+
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from olmoe_spattn import BandSpec
+from olmoe_spattn.kernels import cute_launch, launch
+from olmoe_spattn.kernels.backward import padded_row_stats_kernel
+from olmoe_spattn.kernels.common import Problem
+
+LOG2E = math.log2(math.e)
+
+
+def test_padded_row_stats():
+    b, h, tq, d, t_pad = 2, 3, 70, 16, 128
+    g = torch.Generator().manual_seed(0)
+    out, do = (torch.randn(b, tq, h, d, generator=g) for _ in range(2))
+    lse = torch.randn(b, h, tq, generator=g)
+    lse[0, 1, :5] = float("-inf")  # rows that attend nothing
+    dlse = torch.randn(b, h, tq, generator=g)
+    dlse[1, 2, 7] = float("inf")  # a non-finite lse gradient is ignored, as in the other kernels
+    lse2, delta = torch.full((b, h, t_pad), 7.0), torch.full((b, h, t_pad), 7.0)
+    padded_row_stats_kernel[(t_pad // 64, h, b)](
+        out, do, lse, dlse, lse2, delta,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1), tq, t_pad,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, HAS_DLSE=True,
+    )
+    want_delta = (out * do).sum(-1).transpose(1, 2) - torch.where(dlse.isinf(), 0.0, dlse)
+    torch.testing.assert_close(delta[..., :tq], want_delta, rtol=1e-5, atol=1e-5)
+    assert (delta[..., tq:] == 0).all()
+    want_lse2 = torch.where(lse.isinf(), float("inf"), lse * LOG2E)
+    torch.testing.assert_close(lse2[..., :tq], want_lse2)
+    assert (lse2[..., tq:] == float("inf")).all()
+
+
+@pytest.mark.parametrize(("n_heads", "per_head", "io", "want"), [
+    (16, 32 << 20, 2 << 30, [(0, 4), (4, 8), (8, 12), (12, 16)]),  # 65536 x 128 fp32 per head: 1/16 of io
+    (16, 1 << 20, 2 << 30, [(0, 16)]),  # small accumulators: one launch
+    (6, 20 << 20, 100 << 20, [(0, 3), (3, 6)]),  # 64 MiB floor: 3 heads per group
+    (7, 1 << 30, 1 << 20, [(h, h + 1) for h in range(7)]),  # never fewer than one head per group
+    (5, 30 << 20, 100 << 20, [(0, 2), (2, 4), (4, 5)]),
+])
+def test_head_groups(n_heads, per_head, io, want):
+    assert cute_launch.head_groups(n_heads, per_head, io) == want
+
+
+def _problem(shape=(1, 64, 4, 128), kv_heads=None, dtype=torch.bfloat16, cu_seqlens=None):
+    b, t, h, d = shape
+    q = torch.zeros(b, t, h, d, dtype=dtype)
+    k = torch.zeros(b, t, kv_heads or h, d, dtype=dtype)
+    p = Problem(q, k, BandSpec("spattention", h, t), head_offset=0, q_offset=0, cu_seqlens=cu_seqlens,
+                max_seqlen=t, scale=d ** -0.5)
+    return p, q, k
+
+
+def test_calls_the_kernel_supports():
+    p, q, k = _problem()
+    assert cute_launch.cute_call_supported(p, q, k)
+    p16, q16, k16 = _problem(dtype=torch.float16)
+    assert cute_launch.cute_call_supported(p16, q16, k16)
+    for p, q, k in (_problem(dtype=torch.float32), _problem(shape=(1, 64, 4, 64)), _problem(kv_heads=2),
+                    _problem(cu_seqlens=torch.tensor([0, 30, 64]))):
+        assert not cute_launch.cute_call_supported(p, q, k)
+    p, q, k = _problem()
+    assert not cute_launch.cute_call_supported(p, q, k, k.to(torch.float16))  # mixed dtypes
+    wide = torch.zeros(1, 64, 4, 132, dtype=torch.bfloat16)[..., :128]  # heads 264 bytes apart: not 16-aligned
+    assert not cute_launch.cute_call_supported(p, wide, k)
+    assert not cute_launch.cute_backward_ok(p, q, k)  # CPU tensors
+
+
+@pytest.fixture
+def accepting(monkeypatch):
+    """``launch`` sees every call as one the CuTe kernel can run; no schedule forced."""
+    monkeypatch.setattr(launch, "cute_backward_ok", lambda p, *tensors: True)
+    for name in ("OLMOE_SPATTN_BWD", "OLMOE_SPATTN_TRITON_FEATURES"):
+        monkeypatch.delenv(name, raising=False)
+    return _problem()[0]
+
+
+def test_schedule_choice(accepting, monkeypatch):
+    p = accepting
+    assert launch.use_cute_backward(p, False)
+    assert not launch.use_cute_backward(p, True)  # deterministic=True
+    with _deterministic_mode():
+        assert not launch.use_cute_backward(p, False)
+    for schedule, cute in (("auto", True), ("cute", True), ("one_pass", False), ("two_pass", False)):
+        monkeypatch.setenv("OLMOE_SPATTN_BWD", schedule)
+        assert launch.use_cute_backward(p, False) is cute, schedule
+        assert launch.use_one_pass(False) is (schedule == "one_pass"), schedule
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "auto")
+    monkeypatch.setenv("OLMOE_SPATTN_TRITON_FEATURES", "tma")  # forcing Triton kernels keeps them
+    assert not launch.use_cute_backward(p, False)
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "cute")  # unless the CuTe kernel is asked for by name
+    assert launch.use_cute_backward(p, False)
+    monkeypatch.delenv("OLMOE_SPATTN_TRITON_FEATURES")
+    monkeypatch.delenv("OLMOE_SPATTN_BWD")
+    monkeypatch.setattr(launch, "AUTO_CUTE_BWD_MIN_EXTENT", p.extent + 1)
+    assert not launch.use_cute_backward(p, False)
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "cute")
+    assert launch.use_cute_backward(p, False)
+    monkeypatch.setattr(launch, "cute_backward_ok", lambda p, *tensors: False)
+    assert not launch.use_cute_backward(p, False)
+
+
+class _deterministic_mode:
+    def __enter__(self):
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before)
+
+
+def test_unknown_schedule_names_the_allowed_ones(monkeypatch):
+    monkeypatch.setenv("OLMOE_SPATTN_BWD", "cutlass")
+    with pytest.raises(ValueError, match="OLMOE_SPATTN_BWD='cutlass'; allowed: auto, cute, one_pass, two_pass"):
+        launch.use_cute_backward(_problem()[0], False)
+
+
+def test_run_backward_takes_the_cute_kernel_where_chosen(accepting, monkeypatch):
+    calls = []
+    monkeypatch.setattr(launch, "run_backward_cute", lambda *args, **kw: calls.append(args) or (1, 2, 3))
+    p, q, k = _problem()
+    lse = torch.zeros(1, 4, 64)
+    assert launch.run_backward(q, q, k, k, q, lse, p) == (1, 2, 3)
+    assert len(calls) == 1
+    dq, dk, dv = launch.run_backward(q.float(), q.float(), k.float(), k.float(), q.float(), lse, p,
+                                     deterministic=True)
+    assert len(calls) == 1 and dq.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- the step walk
+def _needs_cute():
+    """The CuTe DSL and quack (the ``cute`` extra, part of ``dev``)."""
+    pytest.importorskip("cutlass.cute", reason="the CuTe DSL (nvidia-cutlass-dsl) is not installed")
+    pytest.importorskip("quack", reason="quack-kernels is not installed")
+
+
+def _walks(bands: torch.Tensor, tq: int, tk: int, q_off: int) -> np.ndarray:
+    """``[H, key tiles, 12]``: :func:`cute_backward.step_walk` of every (head, key tile), run on the host."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import from_dlpack
+
+    from olmoe_spattn.kernels import cute_backward as kernels
+
+    @cute.jit
+    def walks(bands: cute.Tensor, out: cute.Tensor, tq: cutlass.Int32, tk: cutlass.Int32, q_off: cutlass.Int32):
+        for h in cutlass.range(out.shape[0]):
+            for n in cutlass.range(out.shape[1]):
+                edge, full = kernels.step_walk(bands, h, n, tq, tk, q_off, kernels.TILE_M, kernels.TILE_N)
+                for i in cutlass.range_constexpr(8):
+                    out[h, n, i] = edge[i]
+                for i in cutlass.range_constexpr(4):
+                    out[h, n, 8 + i] = full[i]
+
+    out = torch.zeros(bands.shape[0], -(-tk // 128), 12, dtype=torch.int32)
+    walks(from_dlpack(bands.contiguous()), from_dlpack(out), tq, tk, q_off)
+    return out.numpy()
+
+
+WALK_CASES = [
+    (BandSpec("spattention", 4, 700), 700, 700, 0),
+    (BandSpec("exclusive_bands", 5, 512), 777, 777, 0),  # partition_len != T, empty rows
+    (BandSpec("gapped_bands", 4, 1030), 1030, 1030, 0),  # two intervals per head
+    (BandSpec("sliding_window", 3, 300), 650, 650, 0),
+    (BandSpec("dense", 2, 600), 600, 600, 0),
+    (BandSpec("spattention", 8, 900), 300, 900, 600),  # queries at the end of longer keys
+    (BandSpec("exclusive_bands", 4, "dynamic"), 333, 333, 0),
+    (BandSpec("dense", 2, 1000), 1000, 650, 0),  # queries past the last (partial) key tile
+]
+
+
+@pytest.mark.parametrize(("spec", "tq", "tk", "q_off"), WALK_CASES, ids=lambda x: getattr(x, "pattern", None))
+def test_step_walk_visits_exactly_the_needed_blocks(spec, tq, tk, q_off):
+    _needs_cute()
+    table = spec.interval_tensor(tk if spec.is_dynamic else None, head_offset=0, n_local_heads=spec.n_heads)
+    bands = table.reshape(spec.n_heads, 4).to(torch.int32)
+    walks = _walks(bands, tq, tk, q_off)
+    rows, keys = np.arange(tq)[:, None] + q_off, np.arange(tk)[None, :]
+    for h in range(spec.n_heads):
+        lo0, hi0, lo1, hi1 = bands[h].tolist()
+        dist = rows - keys
+        allowed = ((dist >= lo0) & (dist < hi0)) | ((dist >= lo1) & (dist < hi1))  # [Tq, Tk]
+        for n in range(walks.shape[1]):
+            w = walks[h, n]
+            edge = [m for s, c in zip(w[0:8:2], w[1:8:2]) for m in range(s, s + c)]
+            full = [m for s, c in zip(w[8:12:2], w[9:12:2]) for m in range(s, s + c)]
+            assert len(set(edge + full)) == len(edge) + len(full), f"head {h} tile {n}: a block twice"
+            tile = allowed[:, n * 128: (n + 1) * 128]
+            needed = {m for m in range(-(-tq // 64)) if tile[m * 64: (m + 1) * 64].any()}
+            assert set(edge + full) == needed, f"head {h} tile {n}"
+            for m in full:  # no mask: every pair of the tile inside the band (rows past Tq do not count)
+                assert (n + 1) * 128 <= tk and tile[m * 64: (m + 1) * 64].all(), f"head {h} tile {n} block {m}"
+
+
+_COMPILE = r"""
+import os, sys, torch
+from olmoe_spattn.kernels import cute_launch
+for dtype in (torch.bfloat16, torch.float16):
+    cute_launch._compiled(dtype)
+names = os.listdir(sys.argv[1])
+ptx = [open(os.path.join(sys.argv[1], n)).read() for n in names if "BandBackward" in n and n.endswith(".ptx")]
+print(len(ptx), [p.count("wgmma.mma_async") for p in ptx], [p.count("cp.reduce.async.bulk") for p in ptx])
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    _needs_cute()
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=str(tmp_path),
+               CUTE_DSL_NO_CACHE="1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # two dtypes; each step body twice (edge and full steps) x five MMAs x their k-steps; two dQ reduce-adds
+    assert done.stdout.split("\n")[0] == "2 [64, 64] [2, 2]", done.stdout

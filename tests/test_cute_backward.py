@@ -142,6 +142,13 @@ def test_run_backward_takes_the_cute_kernel_where_chosen(accepting, monkeypatch)
     dq, dk, dv = launch.run_backward(q.float(), q.float(), k.float(), k.float(), q.float(), lse, p,
                                      deterministic=True)
     assert len(calls) == 1 and dq.shape == q.shape
+    # kernels that failed to compile (``None``): the Triton backward gives the gradients
+    monkeypatch.setattr(launch, "run_backward_cute", lambda *args, **kw: calls.append(args))
+    args = (q.float(), q.float(), k.float(), k.float(), q.float(), lse, p)
+    got = launch.run_backward(*args)
+    assert len(calls) == 2
+    want = launch.run_backward(*args, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # ----------------------------------------------------------------------------- the step walk
@@ -186,17 +193,41 @@ WALK_CASES = [
 ]
 
 
+def _attended(bands: torch.Tensor, tq: int, tk: int, q_off: int) -> np.ndarray:
+    """``[H, Tk]`` bool: :func:`cute_backward.key_attended` of every (head, key), run on the host."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import from_dlpack
+
+    from olmoe_spattn.kernels import cute_backward as kernels
+
+    @cute.jit
+    def attended(bands: cute.Tensor, out: cute.Tensor, tq: cutlass.Int32, q_off: cutlass.Int32):
+        for h in cutlass.range(out.shape[0]):
+            for j in cutlass.range(out.shape[1]):
+                out[h, j] = cutlass.Int32(0)
+                if kernels.key_attended(j, tq, q_off, bands[h, 0], bands[h, 1], bands[h, 2], bands[h, 3]):
+                    out[h, j] = cutlass.Int32(1)
+
+    out = torch.zeros(bands.shape[0], tk, dtype=torch.int32)
+    attended(from_dlpack(bands.contiguous()), from_dlpack(out), tq, q_off)
+    return out.numpy().astype(bool)
+
+
 @pytest.mark.parametrize(("spec", "tq", "tk", "q_off"), WALK_CASES, ids=lambda x: getattr(x, "pattern", None))
 def test_step_walk_visits_exactly_the_needed_blocks(spec, tq, tk, q_off):
     _needs_cute()
     table = spec.interval_tensor(tk if spec.is_dynamic else None, head_offset=0, n_local_heads=spec.n_heads)
     bands = table.reshape(spec.n_heads, 4).to(torch.int32)
     walks = _walks(bands, tq, tk, q_off)
+    attended = _attended(bands, tq, tk, q_off)
     rows, keys = np.arange(tq)[:, None] + q_off, np.arange(tk)[None, :]
     for h in range(spec.n_heads):
         lo0, hi0, lo1, hi1 = bands[h].tolist()
         dist = rows - keys
         allowed = ((dist >= lo0) & (dist < hi0)) | ((dist >= lo1) & (dist < hi1))  # [Tq, Tk]
+        # the keys whose K and V rows the kernel zeroes (no query sees them)
+        assert (attended[h] == allowed.any(axis=0)).all(), f"head {h}: attended keys"
         for n in range(walks.shape[1]):
             w = walks[h, n]
             edge = [m for s, c in zip(w[0:8:2], w[1:8:2]) for m in range(s, s + c)]
@@ -230,3 +261,45 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # two dtypes; each step body twice (edge and full steps) x five MMAs x their k-steps; two dQ reduce-adds
     assert done.stdout.split("\n")[0] == "2 [64, 64] [2, 2]", done.stdout
+
+
+@pytest.mark.parametrize(("versions", "ok"), [
+    ({"nvidia-cutlass-dsl": (4, 8), "quack-kernels": (0, 6)}, True),
+    ({"nvidia-cutlass-dsl": (4, 7), "quack-kernels": (0, 6)}, False),
+    ({"nvidia-cutlass-dsl": (4, 9), "quack-kernels": (0, 7)}, False),  # quack's helpers change between minors
+    ({"nvidia-cutlass-dsl": None, "quack-kernels": (0, 6)}, False),
+])
+def test_only_supported_versions_count_as_installed(versions, ok, monkeypatch):
+    monkeypatch.setattr(cute_launch, "_version", versions.get)
+    monkeypatch.setattr(cute_launch.importlib.util, "find_spec", lambda name: object())
+    cute_launch.cute_installed.cache_clear()
+    try:
+        assert cute_launch.cute_installed() is ok
+    finally:
+        monkeypatch.undo()
+        cute_launch.cute_installed.cache_clear()
+
+
+def test_a_kernel_that_fails_to_compile_hands_over_to_triton(monkeypatch, caplog):
+    def broken(dtype, mask_every_step=False):
+        raise RuntimeError("compiler says no")
+
+    monkeypatch.setattr(cute_launch, "_compiled", broken)
+    monkeypatch.setattr(cute_launch, "_broken", [])
+    p, q, k = _problem()
+    lse = torch.zeros(1, 4, 64)
+    with caplog.at_level("WARNING"):
+        assert cute_launch.run_backward_cute(q, q, k, k, q, lse, p) is None
+    assert "compiler says no" in caplog.text and "Triton backward" in caplog.text
+    assert cute_launch._broken  # from now on every call is turned down
+    monkeypatch.setattr(cute_launch, "cute_call_supported", lambda p, *t: True)
+    monkeypatch.setattr(cute_launch, "cute_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    class FakeCuda:
+        is_cuda = True
+        device = None
+
+    assert not cute_launch.cute_backward_ok(p, FakeCuda())
+    monkeypatch.setattr(cute_launch, "_broken", [])
+    assert cute_launch.cute_backward_ok(p, FakeCuda())

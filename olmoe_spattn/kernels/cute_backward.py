@@ -41,7 +41,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as hopper
 from cutlass import Boolean, Float32, Int32
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.utils import LayoutEnum
+from cutlass.tensor_utils import LayoutEnum
 from quack import copy_utils, layout_utils, sm90_utils
 
 HEAD_DIM = 128
@@ -54,6 +54,7 @@ BAR_EPILOGUE = 1
 BAR_DS = 2
 BAR_DQ_FULL = 3  # + warpgroup index (3, 4)
 BAR_DQ_EMPTY = 5  # + warpgroup index (5, 6)
+BAR_KV_READY = 7
 THREADS_WG_AND_WRITER = 128 + 32
 
 
@@ -148,6 +149,16 @@ def walk_length(edge, full):
 
 
 @cute.jit
+def key_attended(j: Int32, tq: Int32, q_off: Int32, lo0: Int32, hi0: Int32, lo1: Int32, hi1: Int32) -> Boolean:
+    """Whether some query ``0 <= i < Tq`` (position ``q_off + i``) sees key ``j``."""
+    first0 = cutlass.max(j + lo0 - q_off, Int32(0))
+    last0 = cutlass.min(j + hi0 - 1 - q_off, tq - 1)
+    first1 = cutlass.max(j + lo1 - q_off, Int32(0))
+    last1 = cutlass.min(j + hi1 - 1 - q_off, tq - 1)
+    return ((hi0 > lo0) & (last0 >= first0)) | ((hi1 > lo1) & (last1 >= first1))
+
+
+@cute.jit
 def pair_allowed(i: Int32, j: Int32, tk: Int32, lo0: Int32, hi0: Int32, lo1: Int32, hi1: Int32) -> Boolean:
     """Whether query position ``i`` (key coordinates) may see key ``j``."""
     dist = i - j
@@ -180,7 +191,7 @@ class BandBackwardSm90:
 
     def _tiled_mmas(self):
         d, tm = HEAD_DIM, TILE_M
-        k_major, mn_major = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        k_major, mn_major = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         # S^T, dP^T [128 keys, 64 queries]: the warpgroups split the keys
         mma_sdp = hopper.make_trivial_tiled_mma(self.dtype, self.dtype, k_major, k_major, Float32,
                                                 atom_layout_mnk=(2, 1, 1), tiler_mn=(64, tm))
@@ -261,7 +272,7 @@ class BandBackwardSm90:
             for atom in (atom_q, atom_do, atom_k, atom_v, atom_dk, atom_dv):
                 cpasync.prefetch_descriptor(atom)
 
-        s = cutlass.utils.SmemAllocator().allocate(storage)
+        s = cutlass.memory.SmemAllocator().allocate(storage)
         producer = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread)
         consumers = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread, self.num_mma_threads // 32)
         rows_bytes = TILE_M * HEAD_DIM * self.dtype.width // 8 + TILE_M * 4  # a Q (or dO) tile + its statistics
@@ -296,7 +307,7 @@ class BandBackwardSm90:
             cute.arch.setmaxregister_increase(240)
             tidx = cute.arch.thread_idx()[0] - 128
             self.compute(mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, atom_dk, atom_dv, sQ, sdO, sK, sV, sdS,
-                         sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tk,
+                         sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tq, tk,
                          mBands, n_block, h, b, edge, full)
 
     @cute.jit
@@ -360,7 +371,7 @@ class BandBackwardSm90:
 
     @cute.jit
     def compute(self, mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, atom_dk, atom_dv, sQ, sdO, sK, sV, sdS,
-                sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tk,
+                sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tq, tk,
                 mBands, n_block, h, b, edge, full):
         """Warpgroups 1-2: the five MMAs of every step, then dK and dV out."""
         d, tm, tn = HEAD_DIM, TILE_M, TILE_N
@@ -401,6 +412,8 @@ class BandBackwardSm90:
         n_edge, n_full = walk_length(edge, full)
         if n_edge + n_full > 0:
             pipe_kv.consumer_wait(state_kv)
+            self.zero_unattended_keys(sK, sV, tidx, n_block, tq, tk, q_off, mBands[h, 0], mBands[h, 1],
+                                      mBands[h, 2], mBands[h, 3])
         # edge steps (element mask), then full steps: two straight-line copies of the step
         for it in cutlass.range(n_edge, unroll=1):
             state_q, state_do = one_step(nth_block(it, edge), it == 0, state_q, state_do, masked=True)
@@ -412,6 +425,21 @@ class BandBackwardSm90:
             acc_dV.fill(0.0)
         acc_dK.store(acc_dK.load() * scale)
         self.store_dkdv(acc_dK, acc_dV, mma_dkv, mdK, mdV, sK, sV, atom_dk, atom_dv, tidx, n_block, h, b)
+
+    @cute.jit
+    def zero_unattended_keys(self, sK, sV, tidx, n_block, tq, tk, q_off, lo0, hi0, lo1, hi1):
+        """Zero the K and V rows of keys that no query attends (each thread half a row), as the Triton
+        kernels do: NaN or Inf there would otherwise reach dQ (``0 * NaN`` in the dQ MMA, and in ``dS``
+        through ``dP``); their dK and dV come out 0."""
+        row = tidx // 2
+        first_col = (tidx % 2) * (HEAD_DIM // 2)
+        j = n_block * TILE_N + row
+        if (j < tk) & (key_attended(j, tq, q_off, lo0, hi0, lo1, hi1) == Boolean(False)):
+            for c in cutlass.range_constexpr(HEAD_DIM // 2):
+                sK[row, first_col + c] = self.dtype(0.0)
+                sV[row, first_col + c] = self.dtype(0.0)
+        cute.arch.fence_view_async_shared()  # visible to the MMAs (the async proxy)
+        cutlass.pipeline.NamedBarrier(barrier_id=BAR_KV_READY, num_threads=self.num_mma_threads).arrive_and_wait()
 
     @cute.jit
     def step(self, m: Int32, first: Boolean, state_q, state_do, masked: cutlass.Constexpr[bool], mma_sdp, mma_dkv,
@@ -494,7 +522,7 @@ class BandBackwardSm90:
 
 def dq_tiled_mma(dtype: type[cutlass.Numeric]) -> cute.TiledMma:
     """The dQ MMA (``[64, D] = dS K``, one half of D per warpgroup): its register order is dq_acc's."""
-    return hopper.make_trivial_tiled_mma(dtype, dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN,
+    return hopper.make_trivial_tiled_mma(dtype, dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
                                          Float32, atom_layout_mnk=(1, 2, 1), tiler_mn=(64, HEAD_DIM // 2))
 
 
@@ -536,7 +564,7 @@ class DqFromAccumulator:
         tm, d = TILE_M, HEAD_DIM
         tidx = cute.arch.thread_idx()[0]
         m, h, b = cute.arch.block_idx()
-        s = cutlass.utils.SmemAllocator().allocate(storage)
+        s = cutlass.memory.SmemAllocator().allocate(storage)
         sdQ = s.sdQ.get_tensor(s_layout.outer, swizzle=s_layout.inner)  # (64, D)
         block = cute.make_tensor(mdQacc[None, h, b].iterator + m * tm * d, cute.make_layout((tm * d // 2, 2)))
         src = r2s_dq.get_slice(tidx).partition_S(block)

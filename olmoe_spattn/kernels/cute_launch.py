@@ -15,8 +15,11 @@ torch tensors on the current stream); the compilation takes a few seconds on fir
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import logging
 import math
+import re
 
 import torch
 import triton
@@ -32,9 +35,27 @@ ACC_MAX_FRACTION = 1 / 16
 ACC_ALWAYS_OK_BYTES = 64 << 20
 
 
+#: The versions the kernel is written against (the ``cute`` extra): quack's helpers change between minor versions.
+SUPPORTED = {"nvidia-cutlass-dsl": ((4, 8), (5, 0)), "quack-kernels": ((0, 6), (0, 7))}
+_log = logging.getLogger(__name__)
+_broken: list[str] = []  # why the kernels failed to compile in this process, if they did
+
+
+def _version(dist: str) -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
 @functools.lru_cache(maxsize=1)
 def cute_installed() -> bool:
-    """Whether the CuTe DSL (``nvidia-cutlass-dsl``) and ``quack-kernels`` can be imported."""
+    """Whether ``nvidia-cutlass-dsl`` and ``quack-kernels`` are installed in the supported versions."""
+    for dist, (low, high) in SUPPORTED.items():
+        version = _version(dist)
+        if version is None or not low <= version < high:
+            return False
     return all(importlib.util.find_spec(name) is not None for name in ("cutlass", "quack"))
 
 
@@ -61,7 +82,18 @@ def cute_backward_ok(p: Problem, *tensors: torch.Tensor) -> bool:
     x = tensors[0]
     if not x.is_cuda or not cute_call_supported(p, *tensors):
         return False
-    return torch.cuda.get_device_capability(x.device) == (9, 0) and cute_installed()
+    return torch.cuda.get_device_capability(x.device) == (9, 0) and cute_installed() and not _broken
+
+
+def compiled_kernels(dtype: torch.dtype):
+    """The compiled kernels for ``dtype``, or ``None`` (logged once) when they fail to compile, after
+    which :func:`cute_backward_ok` turns every call down and the Triton kernels take over."""
+    try:
+        return _compiled(dtype)
+    except Exception as err:  # a compiler or library mismatch must not stop training
+        _broken.append(repr(err))
+        _log.warning("the CuTe backward failed to compile (%r); using the Triton backward instead", err)
+        return None
 
 
 def head_groups(n_heads: int, acc_bytes_per_head: int, io_bytes: int) -> list[tuple[int, int]]:
@@ -106,8 +138,12 @@ def _compiled(dtype: torch.dtype, mask_every_step: bool = False):
 
 def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, p: Problem, dlse: torch.Tensor | None = None):
-    """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``)."""
-    backward, finish = _compiled(q.dtype)
+    """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``), or
+    ``None`` when the kernels cannot be compiled (the caller runs the Triton backward)."""
+    kernels = compiled_kernels(q.dtype)
+    if kernels is None:
+        return None
+    backward, finish = kernels
     b, tq, h, d = q.shape
     t_pad = triton.cdiv(tq, ROW_BLOCK) * ROW_BLOCK
     lse2 = torch.empty(b, h, t_pad, device=q.device, dtype=torch.float32)

@@ -37,6 +37,10 @@ comma-separated list forces exactly those features:
 
 Triton's automatic warp specialization of the forward's key loop was measured too (0.37-0.59x,
 and NaN at one launch config; ``NOTES.md``) and is not offered.
+
+The backward's schedule (:func:`use_cute_backward`, :func:`use_one_pass`, ``OLMOE_SPATTN_BWD``):
+on SM90 the one-pass CuTe DSL kernel (:mod:`.cute_launch`) wherever it can run and the call is not
+deterministic; else the deterministic two-pass pair (dQ, then dK/dV; Gluon on SM90 for wide bands).
 """
 
 from __future__ import annotations
@@ -505,7 +509,9 @@ def run_backward(
     if p.tq == 0 or p.tk == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if use_cute_backward(p, deterministic, q, k, v, out, do):
-        return run_backward_cute(do, q, k, v, out, lse, p, dlse)
+        grads = run_backward_cute(do, q, k, v, out, lse, p, dlse)
+        if grads is not None:
+            return grads
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)  # [B, H, Tq] fp32

@@ -156,3 +156,28 @@ def test_cuda_graph_replay_matches_eager(cute_calls):
     for label, a, c in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         # dQ's fp32 adds land in any order: equal up to rounding
         assert max_err(a, c) <= 1e-2 * max(c.abs().max().item(), 1.0), label
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("pattern", ["exclusive_bands", "gapped_bands"])
+def test_poison_in_unattended_keys_stays_out_of_the_gradients(pattern, poison, cute_calls):
+    # keys no query of a head attends, inside key tiles that the kernel visits: NaN / Inf there must
+    # reach no output or gradient (dQ would take 0 * NaN through the dQ MMA); their dK, dV are 0
+    spec = BandSpec(pattern, 8, 256)
+    q, k, v = _tensors(2, 384, 384, 8, torch.bfloat16)
+    g = torch.randn_like(q)
+    bad = ~spec.mask(384, device="cuda").any(dim=1).t()  # [Tk, H]
+    assert bad.any()
+    clean = triton_band_attention(q, k, v, spec)
+    want = torch.autograd.grad(clean, (q, k, v), g)
+    k2, v2 = (x.detach().clone() for x in (k, v))
+    k2[:, bad], v2[:, bad] = poison, poison
+    k2.requires_grad_()
+    v2.requires_grad_()
+    out = triton_band_attention(q, k2, v2, spec)
+    got = torch.autograd.grad(out, (q, k2, v2), g)
+    assert cute_calls
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite"
+        assert max_err(a, w) <= 1e-2 * max(w.abs().max().item(), 1.0), name
+    assert (got[1][:, bad] == 0).all() and (got[2][:, bad] == 0).all()

@@ -70,8 +70,9 @@ def band_attention(
         max_seqlen: longest document (optional hint for ``cu_seqlens``).
         scale: softmax scale, default ``1 / sqrt(D)``.
         deterministic: Triton backend: keep the two-pass backward (bit-identical gradients
-            run to run) even where ``OLMOE_SPATTN_BWD=one_pass`` asks for the atomic one;
-            also on whenever ``torch.are_deterministic_algorithms_enabled()``.
+            run to run) where the one-pass kernels would run (on SM90 the CuTe backward by
+            default, ``OLMOE_SPATTN_BWD=one_pass`` elsewhere), whose fp32 dQ adds land in any
+            order; also on whenever ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``[B, Tq, H, D]`` in the dtype of ``q``. Rows with no allowed key are zero.

@@ -5,8 +5,8 @@ all heads: ``lse2`` and ``delta``, padded to whole 64-row blocks), the backward 
 and the fp32 dQ accumulator) and :class:`.cute_backward.DqFromAccumulator` (``dq``). The fp32
 accumulator holds ``Tpad * D`` floats per (batch row, head), twice ``q``'s bytes for all heads; when
 that is more than :data:`ACC_MAX_FRACTION` of the call's inputs and gradients, the heads run in
-groups whose accumulator stays under it (one buffer, reused), so the backward's peak memory stays
-within a few percent of its tensors.
+groups whose accumulator stays under it (one buffer, reused): at ``T`` = 65536 with 16 heads, four
+groups of four, and a peak of 1.07x the call's tensors.
 
 The kernels are compiled once per dtype for any shape (symbolic sizes and strides, TVM FFI calls with
 torch tensors on the current stream); the compilation takes a few seconds on first use.

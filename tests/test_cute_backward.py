@@ -70,17 +70,50 @@ def _problem(shape=(1, 64, 4, 128), kv_heads=None, dtype=torch.bfloat16, cu_seql
 
 def test_calls_the_kernel_supports():
     p, q, k = _problem()
-    assert cute_launch.cute_call_supported(p, q, k)
+    assert cute_launch.cute_unsupported_reason(p, q, k) is None
     p16, q16, k16 = _problem(dtype=torch.float16)
-    assert cute_launch.cute_call_supported(p16, q16, k16)
-    for p, q, k in (_problem(dtype=torch.float32), _problem(shape=(1, 64, 4, 64)), _problem(kv_heads=2),
-                    _problem(cu_seqlens=torch.tensor([0, 30, 64]))):
-        assert not cute_launch.cute_call_supported(p, q, k)
+    assert cute_launch.cute_unsupported_reason(p16, q16, k16) is None
+    for (p, q, k), why in ((_problem(dtype=torch.float32), "dtype torch.float32"),
+                           (_problem(shape=(1, 64, 4, 64)), "head dim 64"),
+                           (_problem(kv_heads=2), "2 query heads per kv head"),
+                           (_problem(cu_seqlens=torch.tensor([0, 30, 64])), "packed documents")):
+        assert why in cute_launch.cute_unsupported_reason(p, q, k)
     p, q, k = _problem()
-    assert not cute_launch.cute_call_supported(p, q, k, k.to(torch.float16))  # mixed dtypes
+    assert "mixed dtypes" in cute_launch.cute_unsupported_reason(p, q, k, k.to(torch.float16))
     wide = torch.zeros(1, 64, 4, 132, dtype=torch.bfloat16)[..., :128]  # heads 264 bytes apart: not 16-aligned
-    assert not cute_launch.cute_call_supported(p, wide, k)
-    assert not cute_launch.cute_backward_ok(p, q, k)  # CPU tensors
+    assert "16-byte" in cute_launch.cute_unsupported_reason(p, wide, k)
+    assert cute_launch.cute_unavailable_reason(p, q, k) == "needs a CUDA GPU"  # CPU tensors
+    assert not cute_launch.cute_backward_ok(p, q, k)
+
+
+def test_unavailable_reasons_on_a_gpu(monkeypatch):
+    p, q, k = _problem()
+
+    class OnGpu:  # the attributes cute_unavailable_reason reads, as a CUDA tensor has them
+        is_cuda = True
+        device = None
+        dtype = q.dtype
+
+        def stride(self, dim=None):
+            return q.stride() if dim is None else q.stride(dim)
+
+        def element_size(self):
+            return q.element_size()
+
+        def data_ptr(self):
+            return 0
+
+    x = OnGpu()
+    monkeypatch.setattr(cute_launch, "_broken", [])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert cute_launch.cute_unavailable_reason(p, x) == "needs an SM90 (Hopper) GPU"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cute_launch, "cute_installed", lambda: False)
+    assert "needs the cute extra (nvidia-cutlass-dsl 4.8 to below 5.0" in cute_launch.cute_unavailable_reason(p, x)
+    monkeypatch.setattr(cute_launch, "cute_installed", lambda: True)
+    assert cute_launch.cute_unavailable_reason(p, x) is None
+    monkeypatch.setattr(cute_launch, "_broken", ["RuntimeError('x')"])
+    assert "failed to compile" in cute_launch.cute_unavailable_reason(p, x)
 
 
 @pytest.fixture
@@ -292,7 +325,7 @@ def test_a_kernel_that_fails_to_compile_hands_over_to_triton(monkeypatch, caplog
         assert cute_launch.run_backward_cute(q, q, k, k, q, lse, p) is None
     assert "compiler says no" in caplog.text and "Triton backward" in caplog.text
     assert cute_launch._broken  # from now on every call is turned down
-    monkeypatch.setattr(cute_launch, "cute_call_supported", lambda p, *t: True)
+    monkeypatch.setattr(cute_launch, "cute_unsupported_reason", lambda p, *t: None)
     monkeypatch.setattr(cute_launch, "cute_installed", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 

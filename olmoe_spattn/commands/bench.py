@@ -5,6 +5,8 @@
       fwd+bwd, written to benchmarks/results/<gpu>/kernel_bench.{json,md,png}
   olmoe-spattn bench sweep | decode | overhead
       the Triton kernel alone: every launch configuration, decode steps, host-side costs
+  olmoe-spattn bench backward [--schedules two_pass,cute,one_pass]
+      the backward alone under each schedule (CuTe one-pass, Triton two-pass, Triton one-pass)
   olmoe-spattn bench train ...
       training-step throughput of OLMoE with band vs dense attention
   olmoe-spattn bench retrieval ...
@@ -24,6 +26,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "sweep": ("olmoe_spattn.bench.modes", "time every launch configuration of the Triton kernels"),
     "decode": ("olmoe_spattn.bench.modes", "time decode steps (one query vs a KV cache) against SDPA"),
     "overhead": ("olmoe_spattn.bench.modes", "split a small shape's time into host and kernel costs"),
+    "backward": ("olmoe_spattn.bench.backward", "time the Triton backend's backward schedules side by side"),
     "train": ("olmoe_spattn.bench.train", "measure training-step throughput (tokens/s), band vs dense"),
     "table2": ("olmoe_spattn.bench.table2", "the paper's Table 2 training throughput vs dense and sparse baselines"),
     "quality": ("olmoe_spattn.bench.quality", "train one small model per attention variant on local text; held-out loss"),

@@ -65,24 +65,46 @@ def _tma_ready(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and all((s * elt) % 16 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
 
 
-def cute_call_supported(p: Problem, *tensors: torch.Tensor) -> bool:
-    """Whether the call's shapes and tensors suit the CuTe backward: bf16/fp16, head dim 128, one
-    query head per kv head, no packed documents, and TMA-ready tensors of one dtype."""
+def cute_unsupported_reason(p: Problem, *tensors: torch.Tensor) -> str | None:
+    """Why the call's shapes and tensors do not suit the CuTe backward (``None``: they do): it takes
+    bf16/fp16, head dim 128, one query head per kv head, no packed documents, and TMA-ready tensors
+    of one dtype."""
     dtype = tensors[0].dtype
     if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if p.head_dim != HEAD_DIM or p.group != 1 or p.is_varlen:
-        return False
-    return all(t.dtype == dtype and _tma_ready(t) for t in tensors)
+        return f"dtype {dtype} (needs bfloat16 or float16)"
+    if p.head_dim != HEAD_DIM:
+        return f"head dim {p.head_dim} (needs {HEAD_DIM})"
+    if p.group != 1:
+        return f"{p.group} query heads per kv head (needs 1)"
+    if p.is_varlen:
+        return "packed documents (cu_seqlens)"
+    if not all(t.dtype == dtype and _tma_ready(t) for t in tensors):
+        return "tensors of mixed dtypes, or not unit-stride along D with 16-byte aligned strides"
+    return None
+
+
+def cute_unavailable_reason(p: Problem, *tensors: torch.Tensor) -> str | None:
+    """Why this call cannot take the CuTe backward (``None``: it can): it needs an SM90 GPU, the
+    ``cute`` extra in a supported version, kernels that compiled, and :func:`cute_unsupported_reason`."""
+    x = tensors[0]
+    if not x.is_cuda:
+        return "needs a CUDA GPU"
+    reason = cute_unsupported_reason(p, *tensors)
+    if reason is not None:
+        return reason
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return "needs an SM90 (Hopper) GPU"
+    if not cute_installed():
+        supported = ", ".join(f"{d} {lo[0]}.{lo[1]} to below {hi[0]}.{hi[1]}" for d, (lo, hi) in SUPPORTED.items())
+        return f"needs the cute extra ({supported})"
+    if _broken:
+        return f"its kernels failed to compile in this process ({_broken[0]})"
+    return None
 
 
 def cute_backward_ok(p: Problem, *tensors: torch.Tensor) -> bool:
-    """Whether this call can take the CuTe backward: an SM90 GPU, the CuTe DSL installed and
-    :func:`cute_call_supported`."""
-    x = tensors[0]
-    if not x.is_cuda or not cute_call_supported(p, *tensors):
-        return False
-    return torch.cuda.get_device_capability(x.device) == (9, 0) and cute_installed() and not _broken
+    """Whether this call can take the CuTe backward (:func:`cute_unavailable_reason` is ``None``)."""
+    return cute_unavailable_reason(p, *tensors) is None
 
 
 def compiled_kernels(dtype: torch.dtype):

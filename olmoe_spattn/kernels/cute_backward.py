@@ -21,8 +21,10 @@ image of the forward's key ranges, :func:`query_steps`). Warp roles:
 
 A tile walks its edge steps first (the 64 x 128 tile crosses a band edge or ``Tk``: ``S`` is set to
 ``-inf`` outside the band), then its full steps (inside one distance interval: no mask), each
-kind as its own straight-line copy of the step (:func:`step_walk`). Query rows past ``Tq`` need no mask: their
-``lse2`` is ``+inf``, so ``P = 0`` there (the same holds for rows that attend nothing).
+kind as its own straight-line copy of the step (:func:`step_walk`). Query rows past ``Tq`` need no
+mask: their ``lse2`` is ``+inf``, so ``P = 0`` there (the same holds for rows that attend nothing).
+The K and V rows of keys that no query attends are zeroed in shared memory before the first step,
+so NaN or Inf there reaches no gradient (``0 * NaN`` in the dQ product would).
 
 Tensors (``T`` = ``Tq`` for queries, ``Tk`` for keys; ``D = 128``):
 ``q, do [B, Tq, H, D]``, ``k, v, dk, dv [B, Tk, H, D]`` (bf16 or fp16, unit stride along D);

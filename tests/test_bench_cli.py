@@ -66,10 +66,21 @@ def test_cpu_quick_run_writes_results(tmp_path, capsys):
         assert torch_row["tflops_fwd"] > 0
     dense = rows[("dense_causal", "sdpa_dense")]
     assert dense["fwd_ms"] > 0 and dense["fwdbwd_ms"] > 0
+
     table = (tmp_path / "kernel_bench.md").read_text()
     assert "| 1,4,64,16 | spattention | flex |" in table
     assert (tmp_path / "kernel_bench.png").stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_our_rows_record_the_backward_they_timed(tmp_path):
+    # on a CPU (the Triton interpreter) our kernel's backward is the Triton pair
+    assert main(["bench", "kernel", "--device", "cpu", "--quick", "--backends", "ours", "--shapes", "1,2,40,16",
+                 "--patterns", "spattention", "--out-dir", str(tmp_path), "--warmup", "1", "--iters", "1",
+                 "--rounds", "1"]) == 0
+    rows = json.loads((tmp_path / "kernel_bench.json").read_text())["results"]
+    ours = [r for r in rows if r["backend"] == "ours"]
+    assert len(ours) == 1 and ours[0]["status"] == "ok" and ours[0]["extra"]["backward"] == "two_pass"
 
 
 def test_missing_bench_module_is_a_clear_error(capsys, monkeypatch):

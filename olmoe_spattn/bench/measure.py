@@ -13,7 +13,7 @@ from ..bands import BandSpec
 from .kernel import BAND_BACKENDS, DENSE_BACKENDS, Shape
 from .report import BWD_FLOP_FACTOR, DENSE_REF, FLEX_REF, Row, ratio, row_line
 from .timing import Timing, describe_error, graph_replay, measure_interleaved, peak_memory_bytes
-from .variants import AttnFn, build_band_fn, build_dense_fn, supports_backward
+from .variants import AttnFn, build_band_fn, build_dense_fn, ours_backward, supports_backward
 
 
 def allowed_pairs(spec: BandSpec | None, seq_len: int, n_heads: int) -> int:
@@ -253,6 +253,8 @@ def run_shape(
                 row.peak_over_io = peaks[name] / io_bytes
             row.max_err = errs.get(name)
             row.max_grad_err = grad_errs.get(name)
+            if name == "ours" and settings.backward:
+                row.extra["backward"] = ours_backward(spec, q, k, v, dout)
         for name, row in pattern_rows.items():
             if name in fns:
                 # ratios against this pattern's flex and this group's cuDNN samples

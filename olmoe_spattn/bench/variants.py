@@ -46,6 +46,19 @@ def triton_status() -> tuple[bool, str]:
     return True, "ok"
 
 
+def ours_backward(spec: BandSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> str:
+    """The backward schedule our kernel takes for these tensors (``cute``, ``one_pass`` or
+    ``two_pass``): which kernels the ``ours`` rows timed, recorded with them."""
+    from ..kernels import launch
+    from ..kernels.common import Problem
+
+    p = Problem(q, k, spec, head_offset=0, q_offset=0, cu_seqlens=None, max_seqlen=q.shape[1],
+                scale=q.shape[-1] ** -0.5)
+    if launch.use_cute_backward(p, False, q, k, v, dout, dout):
+        return "cute"
+    return "one_pass" if launch.use_one_pass(False) else "two_pass"
+
+
 def build_band_fn(
     backend: str, spec: BandSpec, shape: Shape, device: torch.device, fa4_ok: tuple[bool, str]
 ) -> tuple[AttnFn | None, str]:

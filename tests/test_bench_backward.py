@@ -30,4 +30,4 @@ def test_times_every_schedule_and_says_why_one_cannot_run(tmp_path, capsys):
 def test_unknown_schedule_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "backward", "--schedules", "two_pass,three_pass"])
-    assert "unknown ['three_pass']; allowed: cute, two_pass, one_pass" in capsys.readouterr().err
+    assert "unknown schedule ['three_pass']; allowed: cute, two_pass, one_pass" in capsys.readouterr().err

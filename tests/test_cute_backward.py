@@ -129,8 +129,12 @@ def test_schedule_choice(accepting, monkeypatch):
     p = accepting
     assert launch.use_cute_backward(p, False)
     assert not launch.use_cute_backward(p, True)  # deterministic=True
-    with _deterministic_mode():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
         assert not launch.use_cute_backward(p, False)
+    finally:
+        torch.use_deterministic_algorithms(before)
     for schedule, cute in (("auto", True), ("cute", True), ("one_pass", False), ("two_pass", False)):
         monkeypatch.setenv("OLMOE_SPATTN_BWD", schedule)
         assert launch.use_cute_backward(p, False) is cute, schedule
@@ -148,15 +152,6 @@ def test_schedule_choice(accepting, monkeypatch):
     assert launch.use_cute_backward(p, False)
     monkeypatch.setattr(launch, "cute_backward_ok", lambda p, *tensors: False)
     assert not launch.use_cute_backward(p, False)
-
-
-class _deterministic_mode:
-    def __enter__(self):
-        self.before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self.before)
 
 
 def test_unknown_schedule_names_the_allowed_ones(monkeypatch):

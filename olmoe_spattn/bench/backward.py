@@ -21,34 +21,20 @@ from pathlib import Path
 
 from ..bands import PATTERNS
 from .kernel import parse_shapes
+from .table2 import name_list
 
 DEFAULT_SHAPES = "1,16,65536,128;2,16,16384,128;8,16,4096,128"
 DEFAULT_PATTERNS = "exclusive_bands,spattention,sliding_window,dense"
 SCHEDULES = ("cute", "two_pass", "one_pass")
 
 
-def _schedules(text: str) -> list[str]:
-    names = [x for x in text.replace(" ", "").split(",") if x]
-    bad = [x for x in names if x not in SCHEDULES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--schedules {text!r}: unknown {bad}; allowed: {', '.join(SCHEDULES)}")
-    return names
-
-
-def _patterns(text: str) -> list[str]:
-    names = [x for x in text.replace(" ", "").split(",") if x]
-    bad = [x for x in names if x not in PATTERNS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--patterns {text!r}: unknown {bad}; allowed: {', '.join(PATTERNS)}")
-    return names
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
                         help=f"';'-separated B,H,T,D shapes (default {DEFAULT_SHAPES})")
-    parser.add_argument("--patterns", type=_patterns, default=_patterns(DEFAULT_PATTERNS),
+    parser.add_argument("--patterns", type=lambda s: name_list(s, PATTERNS, "pattern"),
+                        default=DEFAULT_PATTERNS.split(","),
                         help=f"comma-separated patterns (default {DEFAULT_PATTERNS}; allowed {', '.join(PATTERNS)})")
-    parser.add_argument("--schedules", type=_schedules, default=["two_pass", "cute"],
+    parser.add_argument("--schedules", type=lambda s: name_list(s, SCHEDULES, "schedule"), default=["two_pass", "cute"],
                         help="comma-separated OLMOE_SPATTN_BWD schedules, the first is the reference for the "
                              f"differences (default two_pass,cute; allowed {', '.join(SCHEDULES)})")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="input dtype (default bf16)")

@@ -171,9 +171,8 @@ def pair_allowed(i: Int32, j: Int32, tk: Int32, lo0: Int32, hi0: Int32, lo1: Int
 class BandBackwardSm90:
     """The kernel: ``dk, dv`` and the fp32 ``dq_acc`` of one call (see the module docstring)."""
 
-    def __init__(self, dtype: type[cutlass.Numeric], mask_every_step: bool = False):
+    def __init__(self, dtype: type[cutlass.Numeric]):
         self.dtype = dtype
-        self.mask_every_step = mask_every_step  # measurement switch: the element mask on every step
         self.num_wg = 2
         self.num_mma_threads = 256
         self.num_threads = 384
@@ -421,7 +420,7 @@ class BandBackwardSm90:
             state_q, state_do = one_step(nth_block(it, edge), it == 0, state_q, state_do, masked=True)
         for it in cutlass.range(n_full, unroll=1):
             state_q, state_do = one_step(nth_block(it, full), (it == 0) & (n_edge == 0), state_q, state_do,
-                                         masked=self.mask_every_step)
+                                         masked=False)
         if n_edge + n_full == 0:  # no query sees these keys
             acc_dK.fill(0.0)
             acc_dV.fill(0.0)

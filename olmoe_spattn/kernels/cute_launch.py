@@ -130,9 +130,8 @@ def head_groups(n_heads: int, acc_bytes_per_head: int, io_bytes: int) -> list[tu
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(dtype: torch.dtype, mask_every_step: bool = False):
-    """``(backward, dq_from_acc)`` compiled for ``dtype`` and any shape (``mask_every_step``: the
-    element mask on full tiles too, a measurement switch)."""
+def _compiled(dtype: torch.dtype):
+    """``(backward, dq_from_acc)`` compiled for ``dtype`` and any shape."""
     import cutlass
     import cutlass.cute as cute
     from quack.compile_utils import make_fake_tensor
@@ -151,7 +150,7 @@ def _compiled(dtype: torch.dtype, mask_every_step: bool = False):
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     options = "--enable-tvm-ffi"
     backward = cute.compile(
-        kernels.BandBackwardSm90(elt, mask_every_step), q_like(), k_like(), k_like(), q_like(), stats(), stats(), acc,
+        kernels.BandBackwardSm90(elt), q_like(), k_like(), k_like(), q_like(), stats(), stats(), acc,
         k_like(), k_like(), bands, cutlass.Float32(1.0), cutlass.Int32(0), stream, options=options)
     finish = cute.compile(kernels.DqFromAccumulator(elt), acc, q_like(), cutlass.Float32(1.0), stream,
                           options=options)

@@ -31,3 +31,31 @@ def test_unknown_schedule_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "backward", "--schedules", "two_pass,three_pass"])
     assert "unknown schedule ['three_pass']; allowed: cute, two_pass, one_pass" in capsys.readouterr().err
+
+
+def test_packed_documents(tmp_path):
+    out_json = tmp_path / "backward.json"
+    status = main(["bench", "backward", "--shapes", "2,2,100,16", "--patterns", "sliding_window", "--docs", "3",
+                   "--schedules", "two_pass,one_pass", "--rounds", "1", "--iters", "1", "--dtype", "fp16",
+                   "--json", str(out_json)])
+    assert status == 0
+    data = json.loads(out_json.read_text())
+    assert data["docs"] == 3 and data["rows"][0]["docs"] == 3
+    one = data["rows"][0]["schedules"]["one_pass"]
+    assert one["status"] == "ok" and 0 <= one["max_diff"] < 5e-3
+
+
+@pytest.mark.parametrize(("t", "n"), [(100, 3), (65536, 8), (5, 5), (7, 1)])
+def test_document_lengths(t, n):
+    from olmoe_spattn.bench.backward import document_lengths
+
+    lengths = document_lengths(t, n)
+    assert len(lengths) == n and sum(lengths) == t and min(lengths) >= 1
+    assert lengths == sorted(lengths)  # uneven: short to long
+
+
+def test_more_documents_than_tokens_is_refused():
+    from olmoe_spattn.bench.backward import document_lengths
+
+    with pytest.raises(ValueError, match="--docs 9: each row of 8 tokens holds 1 to 8 documents"):
+        document_lengths(8, 9)

@@ -8,10 +8,12 @@ float64 oracle on the GPU (``tests/gpu/test_cute_backward_gpu.py``).
 """
 
 
+import ast
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,7 +37,7 @@ def test_padded_row_stats():
     dlse[1, 2, 7] = float("inf")  # a non-finite lse gradient is ignored, as in the other kernels
     lse2, delta = torch.full((b, h, t_pad), 7.0), torch.full((b, h, t_pad), 7.0)
     padded_row_stats_kernel[(t_pad // 64, h, b)](
-        out, do, lse, dlse, lse2, delta,
+        out, do, lse, dlse, lse2, delta, torch.zeros(2, dtype=torch.int32),
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1), tq, t_pad,
         HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, HAS_DLSE=True,
@@ -46,6 +48,56 @@ def test_padded_row_stats():
     want_lse2 = torch.where(lse.isinf(), float("inf"), lse * LOG2E)
     torch.testing.assert_close(lse2[..., :tq], want_lse2)
     assert (lse2[..., tq:] == float("inf")).all()
+
+
+def test_padded_row_stats_of_packed_documents():
+    """Each document's rows land in blocks of its own, from ``padded_start``; pad rows get lse2 = +inf
+    and delta = 0, and no document's statistics overwrite another's."""
+    from olmoe_spattn.kernels.cute_backward import padded_start
+
+    lengths = [70, 0, 130, 5, 64]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    total, h, d = int(cu[-1]), 3, 16
+    p, _, _ = _problem(shape=(1, total, h, 128), cu_seqlens=cu)
+    t_pad = cute_launch.padded_rows(p)
+    g = torch.Generator().manual_seed(1)
+    out, do = (torch.randn(1, total, h, d, generator=g) for _ in range(2))
+    lse = torch.randn(1, h, total, generator=g)
+    lse[0, 2, 75] = float("-inf")  # a row (of document 2) that attends nothing
+    lse2, delta = torch.full((1, h, t_pad), 7.0), torch.full((1, h, t_pad), 7.0)
+    padded_row_stats_kernel[(-(-max(lengths) // 64), h, len(lengths))](
+        out, do, lse, lse, lse2, delta, cu,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1), total, t_pad,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, HAS_DLSE=False, IS_VARLEN=True,
+    )
+    written = torch.zeros(t_pad, dtype=torch.int32)
+    for z, n in enumerate(lengths):
+        start, pad = int(cu[z]), padded_start(int(cu[z]), z)
+        assert pad % 64 == 0 and pad + -(-n // 64) * 64 <= t_pad
+        rows, padded = slice(pad, pad + n), slice(pad + n, pad + -(-n // 64) * 64)
+        want_delta = (out[0, start:start + n] * do[0, start:start + n]).sum(-1).T
+        torch.testing.assert_close(delta[0, :, rows], want_delta, rtol=1e-5, atol=1e-5)
+        part = lse[0, :, start:start + n]
+        torch.testing.assert_close(lse2[0, :, rows], torch.where(part.isinf(), float("inf"), part * LOG2E))
+        assert (lse2[0, :, padded] == float("inf")).all() and (delta[0, :, padded] == 0).all()
+        written[pad: pad + -(-n // 64) * 64] += 1
+    assert written.max() <= 1  # no block shared by two documents
+    assert (lse2[0, :, written == 0] == 7.0).all()  # nothing written outside the documents' blocks
+
+
+@pytest.mark.parametrize("lengths", [[1], [64, 64, 64], [63, 1, 65, 0, 200], [0, 0, 5], [129] * 7])
+def test_padded_documents_fit_and_do_not_overlap(lengths):
+    from olmoe_spattn.kernels.cute_backward import padded_start
+
+    cu = [0, *np.cumsum(lengths).tolist()]
+    p = SimpleNamespace(is_varlen=True, tq=cu[-1], n_docs=len(lengths))  # what padded_rows reads of a Problem
+    ends = 0
+    for z, n in enumerate(lengths):
+        pad = padded_start(cu[z], z)
+        assert pad % 64 == 0 and pad >= ends
+        ends = pad + -(-n // 64) * 64
+    assert ends <= cute_launch.padded_rows(p)
 
 
 @pytest.mark.parametrize(("n_heads", "per_head", "io", "want"), [
@@ -75,9 +127,10 @@ def test_calls_the_kernel_supports():
     assert cute_launch.cute_unsupported_reason(p16, q16, k16) is None
     for (p, q, k), why in ((_problem(dtype=torch.float32), "dtype torch.float32"),
                            (_problem(shape=(1, 64, 4, 64)), "head dim 64"),
-                           (_problem(kv_heads=2), "2 query heads per kv head"),
-                           (_problem(cu_seqlens=torch.tensor([0, 30, 64])), "packed documents")):
+                           (_problem(kv_heads=2), "2 query heads per kv head")):
         assert why in cute_launch.cute_unsupported_reason(p, q, k)
+    p, q, k = _problem(cu_seqlens=torch.tensor([0, 30, 64]))  # packed documents
+    assert cute_launch.cute_unsupported_reason(p, q, k) is None
     p, q, k = _problem()
     assert "mixed dtypes" in cute_launch.cute_unsupported_reason(p, q, k, k.to(torch.float16))
     wide = torch.zeros(1, 64, 4, 132, dtype=torch.bfloat16)[..., :128]  # heads 264 bytes apart: not 16-aligned
@@ -198,7 +251,8 @@ def _walks(bands: torch.Tensor, tq: int, tk: int, q_off: int) -> np.ndarray:
     def walks(bands: cute.Tensor, out: cute.Tensor, tq: cutlass.Int32, tk: cutlass.Int32, q_off: cutlass.Int32):
         for h in cutlass.range(out.shape[0]):
             for n in cutlass.range(out.shape[1]):
-                edge, full = kernels.step_walk(bands, h, n, tq, tk, q_off, kernels.TILE_M, kernels.TILE_N)
+                bounds = (bands[h, 0], bands[h, 1], bands[h, 2], bands[h, 3])
+                edge, full = kernels.step_walk(bounds, n, tq, tk, q_off, kernels.TILE_M, kernels.TILE_N)
                 for i in cutlass.range_constexpr(8):
                     out[h, n, i] = edge[i]
                 for i in cutlass.range_constexpr(4):
@@ -264,18 +318,26 @@ def test_step_walk_visits_exactly_the_needed_blocks(spec, tq, tk, q_off):
             tile = allowed[:, n * 128: (n + 1) * 128]
             needed = {m for m in range(-(-tq // 64)) if tile[m * 64: (m + 1) * 64].any()}
             assert set(edge + full) == needed, f"head {h} tile {n}"
-            for m in full:  # no mask: every pair of the tile inside the band (rows past Tq do not count)
-                assert (n + 1) * 128 <= tk and tile[m * 64: (m + 1) * 64].all(), f"head {h} tile {n} block {m}"
+            for m in full:  # no mask: every pair of the tile inside the band, Tq and Tk
+                assert (n + 1) * 128 <= tk and (m + 1) * 64 <= tq, f"head {h} tile {n} block {m}"
+                assert tile[m * 64: (m + 1) * 64].all(), f"head {h} tile {n} block {m}"
 
 
 _COMPILE = r"""
-import os, sys, torch
+import os, shutil, sys, torch
 from olmoe_spattn.kernels import cute_launch
-for dtype in (torch.bfloat16, torch.float16):
-    cute_launch._compiled(dtype)
-names = os.listdir(sys.argv[1])
-ptx = [open(os.path.join(sys.argv[1], n)).read() for n in names if "BandBackward" in n and n.endswith(".ptx")]
-print(len(ptx), [p.count("wgmma.mma_async") for p in ptx], [p.count("cp.reduce.async.bulk") for p in ptx])
+dump = sys.argv[1]
+counts = []
+for varlen in (False, True):
+    for dtype in (torch.bfloat16, torch.float16):
+        cute_launch._compiled(dtype, varlen)
+        ptx = [n for n in os.listdir(dump) if n.endswith(".ptx")]
+        text = [open(os.path.join(dump, n)).read() for n in ptx if "BandBackward" in n]
+        counts.append((len(text), [t.count("wgmma.mma_async") for t in text],
+                       [t.count("cp.reduce.async.bulk") for t in text], [t.count("st.global") for t in text]))
+        for n in ptx:
+            os.remove(os.path.join(dump, n))
+print(counts)
 """
 
 
@@ -287,8 +349,13 @@ def test_kernels_compile_for_sm90(tmp_path):
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    # two dtypes; each step body twice (edge and full steps) x five MMAs x their k-steps; two dQ reduce-adds
-    assert done.stdout.split("\n")[0] == "2 [64, 64] [2, 2]", done.stdout
+    counts = ast.literal_eval(done.stdout.strip().split("\n")[-1])  # [(files, wgmma, bulk reduce-adds, global stores)]
+    assert len(counts) == 4, done.stdout
+    for files, wgmma, reduces, _stores in counts:
+        # each step body twice (edge and full steps) x five MMAs x their k-steps; two dQ reduce-adds
+        assert (files, wgmma, reduces) == (1, [64], [2]), done.stdout
+    # batch rows store dK and dV by TMA only; packed documents also row by row (a document's last tile)
+    assert [c[3][0] > 0 for c in counts] == [False, False, True, True], done.stdout
 
 
 @pytest.mark.parametrize(("versions", "ok"), [
@@ -309,7 +376,7 @@ def test_only_supported_versions_count_as_installed(versions, ok, monkeypatch):
 
 
 def test_a_kernel_that_fails_to_compile_hands_over_to_triton(monkeypatch, caplog):
-    def broken(dtype, mask_every_step=False):
+    def broken(dtype, varlen=False):
         raise RuntimeError("compiler says no")
 
     monkeypatch.setattr(cute_launch, "_compiled", broken)

@@ -7,6 +7,8 @@ statistics, the kernels and dQ's conversion: ``launch.run_backward``, no autogra
 interleaved in rounds. A schedule that cannot take the call says why (``cute`` off SM90, without
 the ``cute`` extra, with GQA, ...). Also per schedule: the memory one call allocates beyond what is
 live before it (CUDA only) and its largest difference from the first schedule's gradients.
+``--docs N`` packs N documents of uneven lengths into each of the B rows and runs the B x T tokens
+as one packed call (``cu_seqlens``, as training with document masking does).
 
 Results: a Markdown table on the console (and in ``--out``), every number in ``--json``.
 """
@@ -14,6 +16,7 @@ Results: a Markdown table on the console (and in ``--out``), every number in ``-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -38,12 +41,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated OLMOE_SPATTN_BWD schedules, the first is the reference for the "
                              f"differences (default two_pass,cute; allowed {', '.join(SCHEDULES)})")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="input dtype (default bf16)")
+    parser.add_argument("--docs", type=int, default=0,
+                        help="pack this many documents of uneven lengths into each row (default 0: plain rows)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     parser.add_argument("--iters", type=int, default=5, help="calls per schedule and round, at least (default 5)")
     parser.add_argument("--min-round-ms", type=float, default=50.0,
                         help="on CUDA, time per schedule and round, at least (default 50)")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")
+
+
+def document_lengths(t: int, n: int) -> list[int]:
+    """``n`` lengths (each at least 1) that sum to ``t``, in proportion 1 : 2 : ... : n: documents from
+    about ``2 / (n + 1)`` of the mean length to about twice it."""
+    if not 1 <= n <= t:
+        raise ValueError(f"--docs {n}: each row of {t} tokens holds 1 to {t} documents")
+    weights = [i + 1 for i in range(n)]
+    lengths = [max(1, t * w // sum(weights)) for w in weights]
+    lengths[-1] += t - sum(lengths)
+    return lengths
 
 
 def _with_schedule(schedule: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -84,11 +100,16 @@ def bench_case(shape, pattern: str, schedules: list[str], args, device) -> dict:
     b, h, t, d = shape
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     gen = torch.Generator(device=device).manual_seed(0)
+    cu, max_seqlen = None, t
+    if args.docs:
+        lengths = document_lengths(t, args.docs) * b
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
+        b, t, max_seqlen = 1, b * t, max(lengths)
     q, k, v, do = (torch.randn(b, t, h, d, device=device, generator=gen).to(dtype) for _ in range(4))
-    spec = BandSpec(pattern, h, t)
-    p = Problem(q, k, spec, head_offset=0, q_offset=0, cu_seqlens=None, max_seqlen=t, scale=d ** -0.5)
+    spec = BandSpec(pattern, h, shape[2])
+    p = Problem(q, k, spec, head_offset=0, q_offset=0, cu_seqlens=cu, max_seqlen=max_seqlen, scale=d ** -0.5)
     out, lse = launch.run_forward(q, k, v, p)
-    row = {"shape": list(shape), "pattern": pattern, "distances": p.extent, "schedules": {}}
+    row = {"shape": list(shape), "pattern": pattern, "distances": p.extent, "docs": args.docs, "schedules": {}}
     fns = {}
     for name in schedules:
         why = _not_taken(name, p, (q, k, v, out, do))
@@ -141,10 +162,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rounds < 1 or args.iters < 1:
         raise ValueError(f"--rounds {args.rounds} and --iters {args.iters} must be at least 1")
+    if args.docs < 0:
+        raise ValueError(f"--docs {args.docs}: the documents per row, 0 (plain rows) or more")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    packed = f", {args.docs} packed documents per row" if args.docs else ""
     print(f"bench backward on {name}: {len(args.shapes)} shapes x {len(args.patterns)} patterns, "
-          f"schedules {','.join(args.schedules)}, {args.dtype}", flush=True)
+          f"schedules {','.join(args.schedules)}, {args.dtype}{packed}", flush=True)
     warm_up_device(device)
     rows = []
     for shape in args.shapes:
@@ -154,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(rows, args.schedules)
     print(table)
     if args.out:
-        Path(args.out).write_text(f"Backward alone, ms (extra MiB), x {args.schedules[0]}; {name}, {args.dtype}\n\n"
-                                  + table + "\n")
+        Path(args.out).write_text(f"Backward alone, ms (extra MiB), x {args.schedules[0]}; {name}, {args.dtype}"
+                                  f"{packed}\n\n" + table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "dtype": args.dtype, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": name, "dtype": args.dtype, "docs": args.docs, "rows": rows},
+                                              indent=1))
     return 0

@@ -73,40 +73,55 @@ def delta_kernel(
 
 @triton.jit
 def padded_row_stats_kernel(
-    Out, DO, Lse, DLse, Lse2, Delta,
+    Out, DO, Lse, DLse, Lse2, Delta, CuSeq,
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     stride_lb, stride_lh,
-    tq, t_pad,
+    tq_arg, t_pad,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """Row statistics of the CuTe backward, fp32 ``[B, H, t_pad]`` (contiguous): ``lse2 = lse *
     log2(e)``, ``+inf`` on rows that attend nothing and rows past ``Tq`` (so their ``P`` is 0),
-    and ``delta = rowsum(dO * O) - dlse``, 0 past ``Tq``."""
+    and ``delta = rowsum(dO * O) - dlse``, 0 past ``Tq``. Grid ``(blocks, H, B)``; with ``IS_VARLEN``
+    ``(blocks of the longest document, H, documents)``, each document's rows written from
+    ``(cu[z] + BLOCK_M z)`` rounded down to a whole block (``cute_backward.padded_start``) and padded to
+    whole blocks, so no two documents share a block."""
     m = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < tq
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    o = tl.load(Out + b * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    l_off = b * stride_lb + h * stride_lh + offs_m
-    if HAS_DLSE:
-        dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
-        delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
-    lse = tl.load(Lse + l_off, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    p_off = (b * tl.num_programs(1) + h) * t_pad + offs_m
-    in_pad = offs_m < t_pad
-    tl.store(Lse2 + p_off, lse2, mask=in_pad)
-    tl.store(Delta + p_off, delta, mask=in_pad)
+    z = tl.program_id(2)
+    if IS_VARLEN:
+        b = (z * 0).to(tl.int64)
+        start = tl.load(CuSeq + z)
+        tq = tl.load(CuSeq + z + 1) - start
+        pad_start = (start + BLOCK_M * z) // BLOCK_M * BLOCK_M
+    else:
+        b = z.to(tl.int64)
+        start = z * 0
+        tq = tq_arg
+        pad_start = z * 0
+    if m * BLOCK_M < tq:  # a shorter document has fewer blocks than the grid (batch rows: always true)
+        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < tq
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        rows = (start + offs_m).to(tl.int64)[:, None]
+        o = tl.load(Out + b * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
+                     other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        l_off = b * stride_lb + h * stride_lh + start + offs_m
+        if HAS_DLSE:
+            dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
+            delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
+        lse = tl.load(Lse + l_off, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        p_off = (b * tl.num_programs(1) + h) * t_pad + pad_start + offs_m
+        tl.store(Lse2 + p_off, lse2)
+        tl.store(Delta + p_off, delta)
 
 
 @triton.jit

@@ -30,12 +30,21 @@ Tensors (``T`` = ``Tq`` for queries, ``Tk`` for keys; ``D = 128``):
 ``q, do [B, Tq, H, D]``, ``k, v, dk, dv [B, Tk, H, D]`` (bf16 or fp16, unit stride along D);
 ``lse2, delta [B, H, Tpad]`` fp32 with ``Tpad`` = ``Tq`` rounded up to 64;
 ``dq_acc [B, H, Tpad * D]`` fp32, zero on entry, holding each 64-row block in the dQ MMA's register
-order (:class:`DqFromAccumulator` turns it into ``dq``); ``bands [H, 4]`` int32 ``(lo0, hi0, lo1, hi1)``
-per head (the interval table of :mod:`.common`).
+order (:class:`DqFromAccumulator` turns it into ``dq``); ``bands [tables, H, 4]`` int32
+``(lo0, hi0, lo1, hi1)`` per head (the interval table of :mod:`.common`: one, or one per document).
+
+Packed documents (``varlen``): ``B = 1``, ``cu_seqlens [Z + 1]`` int32 row offsets, one grid slice
+per document. A document's rows begin a 64-row block of their own in ``lse2``, ``delta`` and
+``dq_acc`` (:func:`padded_start`), so its last step reads the next document's Q and dO rows by TMA
+but masks them (:func:`pair_allowed`; such steps are edge steps) and adds nothing to another
+document's dQ. Its last key tile likewise loads the next document's first keys: they are zeroed
+with the unattended ones, and dK, dV of that tile leave row by row (:func:`store_rows`), as do the
+rows of its last dQ block.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -74,14 +83,15 @@ def _query_range(j0: Int32, j1: Int32, tq: Int32, q_off: Int32, lo: Int32, hi: I
 
 
 @cute.jit
-def query_steps(bands: cute.Tensor, h: Int32, n_block: Int32, tq: Int32, tk: Int32, q_off: Int32,
+def query_steps(bands, n_block: Int32, tq: Int32, tk: Int32, q_off: Int32,
                 tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
     """``(c0, n0, c1, n1)``: the query blocks ``[c0, c0 + n0)`` then ``[c1, c1 + n1)`` (disjoint) that
-    see key tile ``n_block`` of head ``h``; interval 1's range is clipped so no block comes twice."""
+    see key tile ``n_block`` of a head with the distance intervals ``bands = (lo0, hi0, lo1, hi1)``;
+    interval 1's range is clipped so no block comes twice."""
     j0 = n_block * tile_n
     j1 = cutlass.min(j0 + tile_n - 1, tk - 1)
-    c0, n0 = _query_range(j0, j1, tq, q_off, bands[h, 0], bands[h, 1], tile_m)
-    c1, n1 = _query_range(j0, j1, tq, q_off, bands[h, 2], bands[h, 3], tile_m)
+    c0, n0 = _query_range(j0, j1, tq, q_off, bands[0], bands[1], tile_m)
+    c1, n1 = _query_range(j0, j1, tq, q_off, bands[2], bands[3], tile_m)
     start = c1
     if n0 > 0:
         start = cutlass.max(c1, c0 + n0)
@@ -93,8 +103,9 @@ def query_steps(bands: cute.Tensor, h: Int32, n_block: Int32, tq: Int32, tk: Int
 def _full_range(c: Int32, n: Int32, n_block: Int32, q_off: Int32, tq: Int32, tk: Int32, lo: Int32, hi: Int32,
                 tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
     """``[fa, fb)`` inside ``[c, c + n)``: the steps whose whole 64 x 128 tile lies at distances
-    ``[lo, hi)`` with every key inside ``Tk`` (``fa = fb = c + n`` when there is none). Rows past
-    ``Tq`` count as inside: their ``P`` is 0 anyway."""
+    ``[lo, hi)`` with every query inside ``Tq`` and every key inside ``Tk`` (``fa = fb = c + n`` when
+    there is none). A packed document's last rows are followed by the next document's, so a step
+    that reaches past ``Tq`` is an edge step (masked)."""
     j0 = n_block * tile_n
     hi = cutlass.min(hi, q_off + tq)  # no distance reaches q_off + tq: keeps the sums in range
     # first row r0 of the step: r0 - (j0 + tile_n - 1) + q_off >= lo
@@ -102,7 +113,7 @@ def _full_range(c: Int32, n: Int32, n_block: Int32, q_off: Int32, tq: Int32, tk:
     # last row r0 + tile_m - 1: r0 + tile_m - 1 - j0 + q_off < hi
     fb = (cutlass.max(hi + j0 - q_off - tile_m, Int32(-1)) + tile_m) // tile_m
     fa = cutlass.max(fa, c)
-    fb = cutlass.min(fb, c + n)
+    fb = cutlass.min(cutlass.min(fb, c + n), tq // tile_m)
     if (fb <= fa) | (j0 + tile_n > tk):
         fa = c + n
         fb = c + n
@@ -110,14 +121,14 @@ def _full_range(c: Int32, n: Int32, n_block: Int32, q_off: Int32, tq: Int32, tk:
 
 
 @cute.jit
-def step_walk(bands: cute.Tensor, h: Int32, n_block: Int32, tq: Int32, tk: Int32, q_off: Int32,
+def step_walk(bands, n_block: Int32, tq: Int32, tk: Int32, q_off: Int32,
               tile_m: cutlass.Constexpr[int], tile_n: cutlass.Constexpr[int]):
     """The steps of key tile ``n_block`` as ``(edge, full)``: ``edge`` four ``(start, count)`` ranges
     of query blocks whose tile crosses a band edge or ``Tk`` (masked), ``full`` two ranges whose
     tile lies inside one interval (no mask). Together they are :func:`query_steps`' blocks."""
-    c0, n0, c1, n1 = query_steps(bands, h, n_block, tq, tk, q_off, tile_m, tile_n)
-    f0a, f0b = _full_range(c0, n0, n_block, q_off, tq, tk, bands[h, 0], bands[h, 1], tile_m, tile_n)
-    f1a, f1b = _full_range(c1, n1, n_block, q_off, tq, tk, bands[h, 2], bands[h, 3], tile_m, tile_n)
+    c0, n0, c1, n1 = query_steps(bands, n_block, tq, tk, q_off, tile_m, tile_n)
+    f0a, f0b = _full_range(c0, n0, n_block, q_off, tq, tk, bands[0], bands[1], tile_m, tile_n)
+    f1a, f1b = _full_range(c1, n1, n_block, q_off, tq, tk, bands[2], bands[3], tile_m, tile_n)
     edge = (c0, f0a - c0, f0b, c0 + n0 - f0b, c1, f1a - c1, f1b, c1 + n1 - f1b)
     full = (f0a, f0b - f0a, f1a, f1b - f1a)
     return edge, full
@@ -161,18 +172,77 @@ def key_attended(j: Int32, tq: Int32, q_off: Int32, lo0: Int32, hi0: Int32, lo1:
 
 
 @cute.jit
-def pair_allowed(i: Int32, j: Int32, tk: Int32, lo0: Int32, hi0: Int32, lo1: Int32, hi1: Int32) -> Boolean:
-    """Whether query position ``i`` (key coordinates) may see key ``j``."""
-    dist = i - j
+def pair_allowed(r: Int32, j: Int32, tq: Int32, tk: Int32, q_off: Int32, lo0: Int32, hi0: Int32, lo1: Int32,
+                 hi1: Int32) -> Boolean:
+    """Whether query row ``r`` (position ``q_off + r``) may see key ``j``, both inside the sequence."""
+    dist = q_off + r - j
     ok = ((dist >= lo0) & (dist < hi0)) | ((dist >= lo1) & (dist < hi1))
-    return ok & (j < tk)
+    return ok & (j < tk) & (r < tq)
+
+
+@cute.jit
+def sequence_geometry(z: Int32, cu_seqlens: cute.Tensor, tq: Int32, tk: Int32, q_off: Int32, per_doc: Int32,
+                      varlen: cutlass.Constexpr[bool]):
+    """``(b, start, tq, tk, q_off, stat_block, table)`` of grid index ``z``: a batch row, or with
+    ``varlen`` a packed document (``B = 1``; rows ``cu_seqlens[z] ..``, ``q_off = 0``, its own interval
+    table when ``per_doc``). ``stat_block`` is the first 64-row block of its row statistics and dQ
+    accumulator: :func:`padded_start` // 64 for a document, 0 for a batch row."""
+    b, start, stat_block, table = z, Int32(0), Int32(0), Int32(0)
+    if cutlass.const_expr(varlen):
+        b = Int32(0)
+        start = cu_seqlens[z]
+        tq = cu_seqlens[z + 1] - start
+        tk = tq
+        q_off = Int32(0)
+        stat_block = (start + TILE_M * z) // TILE_M
+        table = z * per_doc
+    return b, start, tq, tk, q_off, stat_block, table
+
+
+def padded_start(start: int, z: int) -> int:
+    """Where packed document ``z`` (first row ``start``) begins in the padded row statistics and dQ
+    accumulator: ``start + 64 z`` rounded down to a whole 64-row block, so that every document gets
+    its own blocks (``padded_start(cu[z + 1], z + 1) - padded_start(cu[z], z) >= ceil(len / 64) * 64``)."""
+    return (start + TILE_M * z) // TILE_M * TILE_M
+
+
+@cute.jit
+def store_rows(src: cute.Tensor, dst: cute.Tensor, n_rows: Int32, tidx: Int32, n_threads: cutlass.Constexpr[int]):
+    """Rows ``0 .. n_rows - 1`` of the shared-memory tile ``src (R, C)`` into the global ``dst (R, C)``,
+    eight columns per thread and pass: a packed document's last tile, whose other rows belong to the
+    next document (a TMA store would write them)."""
+    rows, cols = cute.size(src, mode=[0]), cute.size(src, mode=[1])
+    per_row = cols // 8
+    for i in cutlass.range(tidx, rows * per_row, n_threads, unroll=1):
+        r = i // per_row
+        c0 = (i % per_row) * 8
+        if r < n_rows:
+            for c in cutlass.range_constexpr(8):
+                dst[r, c0 + c] = src[r, c0 + c]
+
+
+class Geometry(NamedTuple):
+    """What one CTA works on: key tile ``n_block`` of head ``h`` in batch row ``b`` (or the packed
+    document starting at row ``start``), its sequence lengths and query offset, the first 64-row
+    block of its row statistics and dQ accumulator, and the head's intervals ``(lo0, hi0, lo1, hi1)``."""
+
+    n_block: Int32
+    h: Int32
+    b: Int32
+    start: Int32
+    tq: Int32
+    tk: Int32
+    q_off: Int32
+    stat_block: Int32
+    bands: tuple
 
 
 class BandBackwardSm90:
     """The kernel: ``dk, dv`` and the fp32 ``dq_acc`` of one call (see the module docstring)."""
 
-    def __init__(self, dtype: type[cutlass.Numeric]):
+    def __init__(self, dtype: type[cutlass.Numeric], varlen: bool = False):
         self.dtype = dtype
+        self.varlen = varlen  # packed documents (``cu_seqlens``) instead of batch rows
         self.num_wg = 2
         self.num_mma_threads = 256
         self.num_threads = 384
@@ -227,8 +297,8 @@ class BandBackwardSm90:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
                  mLSE: cute.Tensor, mDelta: cute.Tensor, mdQacc: cute.Tensor, mdK: cute.Tensor,
-                 mdV: cute.Tensor, mBands: cute.Tensor, scale: Float32, q_off: Int32,
-                 stream: cuda.CUstream):
+                 mdV: cute.Tensor, mBands: cute.Tensor, mCuSeq: cute.Tensor, scale: Float32, q_off: Int32,
+                 per_doc: Int32, max_seqlen: Int32, stream: cuda.CUstream):
         # [B, T, H, D] -> (T, D, H, B); [B, H, X] -> (X, H, B)
         mQ, mK, mV, mdO, mdK, mdV = [layout_utils.select(t, [1, 3, 2, 0]) for t in (mQ, mK, mV, mdO, mdK, mdV)]
         mLSE, mDelta, mdQacc = [layout_utils.select(t, [2, 1, 0]) for t in (mLSE, mDelta, mdQacc)]
@@ -247,28 +317,38 @@ class BandBackwardSm90:
         atom_v, tma_v = tma_atom(load, mV, self.sV_layout, (tn, d))
         atom_dk, tma_dk = tma_atom(store, mdK, self.sK_layout, (tn, d))
         atom_dv, tma_dv = tma_atom(store, mdV, self.sV_layout, (tn, d))
-        grid = (cute.ceil_div(cute.size(mK.shape[0]), tn), cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
+        if cutlass.const_expr(self.varlen):  # key tiles of the longest document, heads, documents
+            grid = ((max_seqlen + tn - 1) // tn, cute.size(mQ.shape[2]), cute.size(mCuSeq.shape[0]) - 1)
+        else:
+            grid = (cute.ceil_div(cute.size(mK.shape[0]), tn), cute.size(mQ.shape[2]), cute.size(mQ.shape[3]))
         self.kernel(
-            tma_q, tma_do, tma_k, tma_v, tma_dk, tma_dv, atom_q, atom_do, atom_k, atom_v, atom_dk, atom_dv,
-            mLSE, mDelta, mdQacc, mBands, mma_sdp, mma_dkv, mma_dq, dq_register_copy(),
+            tma_q, tma_do, tma_k, tma_v, tma_dk, tma_dv, mdK, mdV, atom_q, atom_do, atom_k, atom_v, atom_dk,
+            atom_dv, mLSE, mDelta, mdQacc, mBands, mCuSeq, mma_sdp, mma_dkv, mma_dq, dq_register_copy(),
             self.sQ_layout, self.sdO_layout, self.sK_layout, self.sV_layout, self.sdS_layout, self.sdQ_layout,
-            scale * math.log2(math.e), scale, q_off, cute.size(mQ.shape[0]), cute.size(mK.shape[0]), storage,
+            scale * math.log2(math.e), scale, q_off, per_doc, cute.size(mQ.shape[0]), cute.size(mK.shape[0]),
+            storage,
         ).launch(grid=grid, block=[self.num_threads, 1, 1], smem=storage.size_in_bytes(), stream=stream,
                  min_blocks_per_mp=1)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mdO: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
-               mdK: cute.Tensor, mdV: cute.Tensor, atom_q: cute.CopyAtom, atom_do: cute.CopyAtom,
+               mdK: cute.Tensor, mdV: cute.Tensor, gmem_dK: cute.Tensor, gmem_dV: cute.Tensor,
+               atom_q: cute.CopyAtom, atom_do: cute.CopyAtom,
                atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, atom_dk: cute.CopyAtom, atom_dv: cute.CopyAtom,
                mLSE: cute.Tensor, mDelta: cute.Tensor, mdQacc: cute.Tensor, mBands: cute.Tensor,
+               mCuSeq: cute.Tensor,
                mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, r2s_dq: cute.TiledCopy,
                sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout,
                sdS_layout: cute.ComposedLayout, sdQ_layout: cute.Layout,
-               scale_log2: Float32, scale: Float32, q_off: Int32, tq: Int32, tk: Int32,
+               scale_log2: Float32, scale: Float32, q_off: Int32, per_doc: Int32, tq: Int32, tk: Int32,
                storage: cutlass.Constexpr):
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        n_block, h, b = cute.arch.block_idx()
+        n_block, h, z = cute.arch.block_idx()
+        b, start, tq, tk, q_off, stat_block, table = sequence_geometry(z, mCuSeq, tq, tk, q_off, per_doc,
+                                                                       self.varlen)
+        bands = (mBands[table, h, 0], mBands[table, h, 1], mBands[table, h, 2], mBands[table, h, 3])
+        geometry = Geometry(n_block, h, b, start, tq, tk, q_off, stat_block, bands)
         if warp == 0:
             for atom in (atom_q, atom_do, atom_k, atom_v, atom_dk, atom_dv):
                 cpasync.prefetch_descriptor(atom)
@@ -296,32 +376,41 @@ class BandBackwardSm90:
         sLSE = s.s_lse.get_tensor(cute.make_layout((TILE_M, STAGES)))
         sDelta = s.s_delta.get_tensor(cute.make_layout((TILE_M, STAGES)))
 
-        edge, full = step_walk(mBands, h, n_block, tq, tk, q_off, TILE_M, TILE_N)
+        # a document shorter than the longest one has no queries for its last CTAs: empty walks
+        edge, full = step_walk(bands, n_block, tq, tk, q_off, TILE_M, TILE_N)
         if warp < 4:
             cute.arch.setmaxregister_decrease(24)
             if warp == 0:
                 self.load(mQ, mdO, mK, mV, mLSE, mDelta, sQ, sdO, sK, sV, sLSE, sDelta, atom_q, atom_do,
-                          atom_k, atom_v, pipe_q, pipe_do, pipe_kv, n_block, h, b, edge, full)
+                          atom_k, atom_v, pipe_q, pipe_do, pipe_kv, geometry, edge, full)
             if warp == 1:
-                self.write_dq(mdQacc, sdQ, h, b, edge, full)
+                self.write_dq(mdQacc, sdQ, geometry, edge, full)
         else:
             cute.arch.setmaxregister_increase(240)
             tidx = cute.arch.thread_idx()[0] - 128
-            self.compute(mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, atom_dk, atom_dv, sQ, sdO, sK, sV, sdS,
-                         sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tq, tk,
-                         mBands, n_block, h, b, edge, full)
+            self.compute(mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, gmem_dK, gmem_dV, atom_dk, atom_dv, sQ, sdO,
+                         sK, sV, sdS, sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale,
+                         geometry, edge, full)
+
+    def _rows(self, tensor: cute.Tensor, geometry) -> cute.Tensor:
+        """``(T, D)`` rows of ``tensor (T, D, H, B)`` for this CTA's head and batch row, or document."""
+        rows = tensor[None, None, geometry.h, geometry.b]
+        if self.varlen:
+            rows = cute.domain_offset((geometry.start, 0), rows)
+        return rows
 
     @cute.jit
     def load(self, mQ, mdO, mK, mV, mLSE, mDelta, sQ, sdO, sK, sV, sLSE, sDelta, atom_q, atom_do, atom_k,
-             atom_v, pipe_q, pipe_do, pipe_kv, n_block, h, b, edge, full):
+             atom_v, pipe_q, pipe_do, pipe_kv, geometry, edge, full):
         """Warp 0: K and V once, then Q + lse2 and dO + delta of every step."""
         d, tm, tn = HEAD_DIM, TILE_M, TILE_N
         one = cute.make_layout(1)
-        gK = cute.local_tile(mK[None, None, h, b], (tn, d), (n_block, 0))
-        gV = cute.local_tile(mV[None, None, h, b], (tn, d), (n_block, 0))
-        gQ = cute.local_tile(mQ[None, None, h, b], (tm, d), (None, 0))  # (64, D, blocks)
-        gdO = cute.local_tile(mdO[None, None, h, b], (tm, d), (None, 0))
-        gLSE = cute.local_tile(mLSE[None, h, b], (tm,), (None,))  # (64, blocks)
+        h, b, n_block = geometry.h, geometry.b, geometry.n_block
+        gK = cute.local_tile(self._rows(mK, geometry), (tn, d), (n_block, 0))
+        gV = cute.local_tile(self._rows(mV, geometry), (tn, d), (n_block, 0))
+        gQ = cute.local_tile(self._rows(mQ, geometry), (tm, d), (None, 0))  # (64, D, blocks)
+        gdO = cute.local_tile(self._rows(mdO, geometry), (tm, d), (None, 0))
+        gLSE = cute.local_tile(mLSE[None, h, b], (tm,), (None,))  # (64, padded blocks)
         gDelta = cute.local_tile(mDelta[None, h, b], (tm,), (None,))
         load_k, _, _ = copy_utils.tma_get_copy_fn(atom_k, 0, one, gK, sK, single_stage=True)
         load_v, _, _ = copy_utils.tma_get_copy_fn(atom_v, 0, one, gV, sV, single_stage=True)
@@ -344,21 +433,21 @@ class BandBackwardSm90:
                 m = walk_block(it, edge, full)
                 pipe_q.producer_acquire(state_q)
                 load_q(m, producer_state=state_q)
-                load_lse(m, producer_state=state_q)
+                load_lse(geometry.stat_block + m, producer_state=state_q)
                 pipe_do.producer_acquire(state_do)
                 load_do(m, producer_state=state_do)
-                load_delta(m, producer_state=state_do)
+                load_delta(geometry.stat_block + m, producer_state=state_do)
                 state_q.advance()
                 state_do.advance()
 
     @cute.jit
-    def write_dq(self, mdQacc, sdQ, h, b, edge, full):
+    def write_dq(self, mdQacc, sdQ, geometry, edge, full):
         """Warp 1: per step and warpgroup, free its dQ staging chunk, then reduce-add it into dq_acc."""
         chunk = TILE_M * HEAD_DIM // self.num_wg
-        acc = mdQacc[None, h, b]  # (Tpad * D,)
+        acc = mdQacc[None, geometry.h, geometry.b]  # (Tpad * D,)
         n_edge, n_full = walk_length(edge, full)
         for it in cutlass.range(n_edge + n_full, unroll=1):
-            m = walk_block(it, edge, full)
+            m = geometry.stat_block + walk_block(it, edge, full)
             for wg in cutlass.range_constexpr(self.num_wg):
                 cute.arch.cp_async_bulk_wait_group(self.num_wg - 1 - wg, read=True)  # chunk wg read out
                 cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + wg, number_of_threads=THREADS_WG_AND_WRITER)
@@ -371,9 +460,9 @@ class BandBackwardSm90:
         cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
-    def compute(self, mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, atom_dk, atom_dv, sQ, sdO, sK, sV, sdS,
-                sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, q_off, tq, tk,
-                mBands, n_block, h, b, edge, full):
+    def compute(self, mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, gmem_dK, gmem_dV, atom_dk, atom_dv, sQ, sdO,
+                sK, sV, sdS, sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale, geometry,
+                edge, full):
         """Warpgroups 1-2: the five MMAs of every step, then dK and dV out."""
         d, tm, tn = HEAD_DIM, TILE_M, TILE_N
         wg = cute.arch.make_warp_uniform(tidx // 128)
@@ -404,8 +493,7 @@ class BandBackwardSm90:
             self.step, mma_sdp=mma_sdp, mma_dkv=mma_dkv, mma_dq=mma_dq, thr_sdp=thr_sdp, tSrQ=tSrQ, tSrK=tSrK,
             tdPrdO=tdPrdO, tdPrV=tdPrV, tdVrdO=tdVrdO, tdKrQ=tdKrQ, tdQrdS=tdQrdS, tdQrK=tdQrK, acc_dV=acc_dV,
             acc_dK=acc_dK, store_dS=store_dS, t_lse=t_lse, t_delta=t_delta, t_sdQ=t_sdQ, bar_ds=bar_ds,
-            pipe_q=pipe_q, pipe_do=pipe_do, wg=wg, scale_log2=scale_log2, q_off=q_off, tk=tk, n_block=n_block,
-            bands=(mBands[h, 0], mBands[h, 1], mBands[h, 2], mBands[h, 3]))
+            pipe_q=pipe_q, pipe_do=pipe_do, wg=wg, scale_log2=scale_log2, geometry=geometry)
 
         state_q = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Consumer, STAGES)
         state_do = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Consumer, STAGES)
@@ -413,8 +501,7 @@ class BandBackwardSm90:
         n_edge, n_full = walk_length(edge, full)
         if n_edge + n_full > 0:
             pipe_kv.consumer_wait(state_kv)
-            self.zero_unattended_keys(sK, sV, tidx, n_block, tq, tk, q_off, mBands[h, 0], mBands[h, 1],
-                                      mBands[h, 2], mBands[h, 3])
+            self.zero_unattended_keys(sK, sV, tidx, geometry)
         # edge steps (element mask), then full steps: two straight-line copies of the step
         for it in cutlass.range(n_edge, unroll=1):
             state_q, state_do = one_step(nth_block(it, edge), it == 0, state_q, state_do, masked=True)
@@ -425,17 +512,19 @@ class BandBackwardSm90:
             acc_dK.fill(0.0)
             acc_dV.fill(0.0)
         acc_dK.store(acc_dK.load() * scale)
-        self.store_dkdv(acc_dK, acc_dV, mma_dkv, mdK, mdV, sK, sV, atom_dk, atom_dv, tidx, n_block, h, b)
+        self.store_dkdv(acc_dK, acc_dV, mma_dkv, mdK, mdV, gmem_dK, gmem_dV, sK, sV, atom_dk, atom_dv, tidx, geometry)
 
     @cute.jit
-    def zero_unattended_keys(self, sK, sV, tidx, n_block, tq, tk, q_off, lo0, hi0, lo1, hi1):
+    def zero_unattended_keys(self, sK, sV, tidx, geometry):
         """Zero the K and V rows of keys that no query attends (each thread half a row), as the Triton
         kernels do: NaN or Inf there would otherwise reach dQ (``0 * NaN`` in the dQ MMA, and in ``dS``
-        through ``dP``); their dK and dV come out 0."""
+        through ``dP``); their dK and dV come out 0. Rows past ``Tk`` too: in a packed document's last
+        tile they hold the next document's keys."""
         row = tidx // 2
         first_col = (tidx % 2) * (HEAD_DIM // 2)
-        j = n_block * TILE_N + row
-        if (j < tk) & (key_attended(j, tq, q_off, lo0, hi0, lo1, hi1) == Boolean(False)):
+        j = geometry.n_block * TILE_N + row
+        lo0, hi0, lo1, hi1 = geometry.bands
+        if (j >= geometry.tk) | (key_attended(j, geometry.tq, geometry.q_off, lo0, hi0, lo1, hi1) == Boolean(False)):
             for c in cutlass.range_constexpr(HEAD_DIM // 2):
                 sK[row, first_col + c] = self.dtype(0.0)
                 sV[row, first_col + c] = self.dtype(0.0)
@@ -445,7 +534,7 @@ class BandBackwardSm90:
     @cute.jit
     def step(self, m: Int32, first: Boolean, state_q, state_do, masked: cutlass.Constexpr[bool], mma_sdp, mma_dkv,
              mma_dq, thr_sdp, tSrQ, tSrK, tdPrdO, tdPrV, tdVrdO, tdKrQ, tdQrdS, tdQrK, acc_dV, acc_dK, store_dS,
-             t_lse, t_delta, t_sdQ, bar_ds, pipe_q, pipe_do, wg, scale_log2, q_off, tk, n_block, bands):
+             t_lse, t_delta, t_sdQ, bar_ds, pipe_q, pipe_do, wg, scale_log2, geometry):
         """One 64-query step of warpgroups 1-2 (``first``: the tile's first step starts dK and dV;
         ``masked``: apply the element mask)."""
         d, tm, tn = HEAD_DIM, TILE_M, TILE_N
@@ -455,12 +544,13 @@ class BandBackwardSm90:
         r_lse = copy_utils.load_s2r(t_lse[None, slot])
         pipe_do.consumer_wait(state_do)
         acc_dP = sm90_utils.gemm_zero_init(mma_sdp, (tm, tn), tdPrdO, tdPrV, A_idx=slot, wg_wait=1, swap_AB=True)
-        if cutlass.const_expr(masked):  # S^T is complete: -inf outside the band and past Tk
-            lo0, hi0, lo1, hi1 = bands
-            coords = thr_sdp.partition_C(cute.domain_offset((n_block * tn, m * tm), cute.make_identity_tensor((tn, tm))))
+        if cutlass.const_expr(masked):  # S^T is complete: -inf outside the band and past Tq or Tk
+            lo0, hi0, lo1, hi1 = geometry.bands
+            coords = thr_sdp.partition_C(
+                cute.domain_offset((geometry.n_block * tn, m * tm), cute.make_identity_tensor((tn, tm))))
             for e in cutlass.range_constexpr(cute.size(acc_S)):
                 j, r = coords[e]
-                if not pair_allowed(q_off + r, j, tk, lo0, hi0, lo1, hi1):
+                if not pair_allowed(r, j, geometry.tq, geometry.tk, geometry.q_off, lo0, hi0, lo1, hi1):
                     acc_S[e] = -Float32.inf
         s_rows = layout_utils.reshape_acc_to_mn(acc_S, transpose=True)  # (queries, keys) view
         for r in cutlass.range_constexpr(cute.size(s_rows, mode=[0])):
@@ -497,14 +587,17 @@ class BandBackwardSm90:
         return state_q, state_do
 
     @cute.jit
-    def store_dkdv(self, acc_dK, acc_dV, mma_dkv, mdK, mdV, sK, sV, atom_dk, atom_dv, tidx, n_block, h, b):
-        """dK and dV through the (now free) K and V buffers, out by TMA (rows past Tk are clipped)."""
+    def store_dkdv(self, acc_dK, acc_dV, mma_dkv, mdK, mdV, gmem_dK, gmem_dV, sK, sV, atom_dk, atom_dv, tidx,
+                   geometry):
+        """dK and dV through the (now free) K and V buffers, out by TMA (rows past Tk are clipped); a packed
+        document's last, partial tile row by row (:func:`store_rows`)."""
         d, tn = HEAD_DIM, TILE_N
+        n_block = geometry.n_block
         bar = cutlass.pipeline.NamedBarrier(barrier_id=BAR_EPILOGUE, num_threads=self.num_mma_threads)
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         one = cute.make_layout(1)
-        gdK = cute.local_tile(mdK[None, None, h, b], (tn, d), (n_block, 0))
-        gdV = cute.local_tile(mdV[None, None, h, b], (tn, d), (n_block, 0))
+        gdK = cute.local_tile(self._rows(mdK, geometry), (tn, d), (n_block, 0))
+        gdV = cute.local_tile(self._rows(mdV, geometry), (tn, d), (n_block, 0))
         store_dk, _, _ = copy_utils.tma_get_copy_fn(atom_dk, 0, one, sK, gdK, single_stage=True)
         store_dv, _, _ = copy_utils.tma_get_copy_fn(atom_dv, 0, one, sV, gdV, single_stage=True)
         r2s_dv, _, _ = copy_utils.get_smem_store_C(mma_dkv, sV, tidx, position_independent=True)
@@ -514,7 +607,15 @@ class BandBackwardSm90:
         r2s_dk(acc_dK, dst_idx=None)
         cute.arch.fence_view_async_shared()
         bar.arrive_and_wait()
-        if warp == 4:
+        whole_tile = Boolean(True)
+        if cutlass.const_expr(self.varlen):
+            rows_left = geometry.tk - n_block * tn
+            whole_tile = rows_left >= tn
+            if rows_left < tn:
+                for src, dst in ((sK, gmem_dK), (sV, gmem_dV)):
+                    store_rows(src, cute.local_tile(self._rows(dst, geometry), (tn, d), (n_block, 0)), rows_left,
+                               tidx, self.num_mma_threads)
+        if (warp == 4) & whole_tile:
             store_dv()
             store_dk()
             cute.arch.cp_async_bulk_commit_group()
@@ -537,13 +638,16 @@ def dq_register_copy() -> cute.TiledCopy:
 class DqFromAccumulator:
     """``dq [B, Tq, H, D] = scale * dq_acc``: one 256-thread CTA per 64-row block reads the block in
     the dQ MMA's register order (as the backward wrote it), stages it in shared memory in row order
-    and stores it by TMA (rows past ``Tq`` are clipped)."""
+    and stores it by TMA (rows past ``Tq`` are clipped); with ``varlen``, one CTA per block of a packed
+    document, whose last, partial block is stored row by row (:func:`store_rows`)."""
 
-    def __init__(self, dtype: type[cutlass.Numeric]):
+    def __init__(self, dtype: type[cutlass.Numeric], varlen: bool = False):
         self.dtype = dtype
+        self.varlen = varlen
 
     @cute.jit
-    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, scale: Float32, stream: cuda.CUstream):
+    def __call__(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, mCuSeq: cute.Tensor, scale: Float32,
+                 max_seqlen: Int32, stream: cuda.CUstream):
         mdQacc = layout_utils.select(mdQacc, [2, 1, 0])  # (Tpad * D, H, B)
         mdQ = layout_utils.select(mdQ, [1, 3, 2, 0])  # (Tq, D, H, B)
         s_layout = sm90_utils.make_smem_layout(self.dtype, LayoutEnum.ROW_MAJOR, (TILE_M, HEAD_DIM), None)
@@ -554,31 +658,48 @@ class DqFromAccumulator:
         class SharedStorage:
             sdQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(s_layout)], 1024]
 
-        grid = (cute.ceil_div(cute.size(mdQ.shape[0]), TILE_M), cute.size(mdQ.shape[2]), cute.size(mdQ.shape[3]))
-        self.kernel(mdQacc, tma_dq, atom, dq_tiled_mma(self.dtype), dq_register_copy(), s_layout, scale,
+        if cutlass.const_expr(self.varlen):  # row blocks of the longest document, heads, documents
+            grid = ((max_seqlen + TILE_M - 1) // TILE_M, cute.size(mdQ.shape[2]), cute.size(mCuSeq.shape[0]) - 1)
+        else:
+            grid = (cute.ceil_div(cute.size(mdQ.shape[0]), TILE_M), cute.size(mdQ.shape[2]), cute.size(mdQ.shape[3]))
+        self.kernel(mdQacc, tma_dq, mdQ, mCuSeq, atom, dq_tiled_mma(self.dtype), dq_register_copy(), s_layout, scale,
                     SharedStorage).launch(grid=grid, block=[256, 1, 1], smem=SharedStorage.size_in_bytes(),
                                           stream=stream)
 
     @cute.kernel
-    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, atom: cute.CopyAtom, mma_dq: cute.TiledMma,
-               r2s_dq: cute.TiledCopy, s_layout: cute.ComposedLayout, scale: Float32, storage: cutlass.Constexpr):
+    def kernel(self, mdQacc: cute.Tensor, mdQ: cute.Tensor, gmem_dQ: cute.Tensor, mCuSeq: cute.Tensor,
+               atom: cute.CopyAtom, mma_dq: cute.TiledMma, r2s_dq: cute.TiledCopy, s_layout: cute.ComposedLayout,
+               scale: Float32, storage: cutlass.Constexpr):
         tm, d = TILE_M, HEAD_DIM
         tidx = cute.arch.thread_idx()[0]
-        m, h, b = cute.arch.block_idx()
-        s = cutlass.memory.SmemAllocator().allocate(storage)
-        sdQ = s.sdQ.get_tensor(s_layout.outer, swizzle=s_layout.inner)  # (64, D)
-        block = cute.make_tensor(mdQacc[None, h, b].iterator + m * tm * d, cute.make_layout((tm * d // 2, 2)))
-        src = r2s_dq.get_slice(tidx).partition_S(block)
-        acc = cute.make_rmem_tensor(mma_dq.get_slice(tidx).partition_shape_C((tm, d)), Float32)
-        cute.autovec_copy(src, cute.make_tensor(acc.iterator, cute.make_layout(src.shape)))
-        acc.store(acc.load() * scale)
-        to_smem, _, _ = copy_utils.get_smem_store_C(mma_dq, sdQ, tidx, position_independent=True)
-        to_smem(acc, dst_idx=None)
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier()
-        if cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 0:
-            gdQ = cute.local_tile(mdQ[None, None, h, b], (tm, d), (m, 0))
-            store, _, _ = copy_utils.tma_get_copy_fn(atom, 0, cute.make_layout(1), sdQ, gdQ, single_stage=True)
-            store()
-            cute.arch.cp_async_bulk_commit_group()
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        m, h, z = cute.arch.block_idx()
+        tq = cute.size(gmem_dQ.shape[0])
+        b, start, tq, _, _, stat_block, _ = sequence_geometry(z, mCuSeq, tq, tq, Int32(0), Int32(0), self.varlen)
+        if m * tm < tq:  # a shorter document has fewer blocks than the grid
+            s = cutlass.memory.SmemAllocator().allocate(storage)
+            sdQ = s.sdQ.get_tensor(s_layout.outer, swizzle=s_layout.inner)  # (64, D)
+            block = cute.make_tensor(mdQacc[None, h, b].iterator + (stat_block + m) * tm * d,
+                                     cute.make_layout((tm * d // 2, 2)))
+            src = r2s_dq.get_slice(tidx).partition_S(block)
+            acc = cute.make_rmem_tensor(mma_dq.get_slice(tidx).partition_shape_C((tm, d)), Float32)
+            cute.autovec_copy(src, cute.make_tensor(acc.iterator, cute.make_layout(src.shape)))
+            acc.store(acc.load() * scale)
+            to_smem, _, _ = copy_utils.get_smem_store_C(mma_dq, sdQ, tidx, position_independent=True)
+            to_smem(acc, dst_idx=None)
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier()
+            rows = mdQ[None, None, h, b]
+            raw_rows = gmem_dQ[None, None, h, b]
+            whole_block = Boolean(True)
+            if cutlass.const_expr(self.varlen):
+                rows = cute.domain_offset((start, 0), rows)
+                raw_rows = cute.domain_offset((start, 0), raw_rows)
+                whole_block = m * tm + tm <= tq
+                if m * tm + tm > tq:
+                    store_rows(sdQ, cute.local_tile(raw_rows, (tm, d), (m, 0)), tq - m * tm, tidx, 256)
+            if (cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 0) & whole_block:
+                gdQ = cute.local_tile(rows, (tm, d), (m, 0))
+                store, _, _ = copy_utils.tma_get_copy_fn(atom, 0, cute.make_layout(1), sdQ, gdQ, single_stage=True)
+                store()
+                cute.arch.cp_async_bulk_commit_group()
+                cute.arch.cp_async_bulk_wait_group(0, read=True)

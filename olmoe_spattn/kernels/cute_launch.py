@@ -67,8 +67,7 @@ def _tma_ready(x: torch.Tensor) -> bool:
 
 def cute_unsupported_reason(p: Problem, *tensors: torch.Tensor) -> str | None:
     """Why the call's shapes and tensors do not suit the CuTe backward (``None``: they do): it takes
-    bf16/fp16, head dim 128, one query head per kv head, no packed documents, and TMA-ready tensors
-    of one dtype."""
+    bf16/fp16, head dim 128, one query head per kv head, and TMA-ready tensors of one dtype."""
     dtype = tensors[0].dtype
     if dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {dtype} (needs bfloat16 or float16)"
@@ -76,8 +75,6 @@ def cute_unsupported_reason(p: Problem, *tensors: torch.Tensor) -> str | None:
         return f"head dim {p.head_dim} (needs {HEAD_DIM})"
     if p.group != 1:
         return f"{p.group} query heads per kv head (needs 1)"
-    if p.is_varlen:
-        return "packed documents (cu_seqlens)"
     if not all(t.dtype == dtype and _tma_ready(t) for t in tensors):
         return "tensors of mixed dtypes, or not unit-stride along D with 16-byte aligned strides"
     return None
@@ -107,11 +104,12 @@ def cute_backward_ok(p: Problem, *tensors: torch.Tensor) -> bool:
     return cute_unavailable_reason(p, *tensors) is None
 
 
-def compiled_kernels(dtype: torch.dtype):
-    """The compiled kernels for ``dtype``, or ``None`` (logged once) when they fail to compile, after
-    which :func:`cute_backward_ok` turns every call down and the Triton kernels take over."""
+def compiled_kernels(dtype: torch.dtype, varlen: bool = False):
+    """The compiled kernels for ``dtype`` (and packed documents when ``varlen``), or ``None`` (logged
+    once) when they fail to compile, after which :func:`cute_backward_ok` turns every call down and the
+    Triton kernels take over."""
     try:
-        return _compiled(dtype)
+        return _compiled(dtype, varlen)
     except Exception as err:  # a compiler or library mismatch must not stop training
         _broken.append(repr(err))
         _log.warning("the CuTe backward failed to compile (%r); using the Triton backward instead", err)
@@ -130,8 +128,9 @@ def head_groups(n_heads: int, acc_bytes_per_head: int, io_bytes: int) -> list[tu
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(dtype: torch.dtype):
-    """``(backward, dq_from_acc)`` compiled for ``dtype`` and any shape."""
+def _compiled(dtype: torch.dtype, varlen: bool = False):
+    """``(backward, dq_from_acc)`` compiled for ``dtype`` and any shape, for batch rows or (``varlen``)
+    packed documents."""
     import cutlass
     import cutlass.cute as cute
     from quack.compile_utils import make_fake_tensor
@@ -140,46 +139,59 @@ def _compiled(dtype: torch.dtype):
 
     elt = cutlass.BFloat16 if dtype == torch.bfloat16 else cutlass.Float16
     sym = cute.sym_int
-    b, tq, tk, h, t_pad, acc_len = sym(), sym(), sym(), sym(), sym(), sym()
+    b, tq, tk, h, t_pad, acc_len, n_cu, n_tables = sym(), sym(), sym(), sym(), sym(), sym(), sym(), sym()
     per_16_bytes = 8  # elements of 2 bytes in 16 bytes
     q_like = lambda: make_fake_tensor(elt, (b, tq, h, HEAD_DIM), divisibility=per_16_bytes)  # noqa: E731
     k_like = lambda: make_fake_tensor(elt, (b, tk, h, HEAD_DIM), divisibility=per_16_bytes)  # noqa: E731
     stats = lambda: make_fake_tensor(cutlass.Float32, (b, h, t_pad), divisibility=4)  # noqa: E731
     acc = make_fake_tensor(cutlass.Float32, (b, h, acc_len), divisibility=4)
-    bands = make_fake_tensor(cutlass.Int32, (h, 4), divisibility=4)
+    bands = make_fake_tensor(cutlass.Int32, (n_tables, h, 4), divisibility=4)
+    cu_seqlens = make_fake_tensor(cutlass.Int32, (n_cu,), divisibility=1)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     options = "--enable-tvm-ffi"
     backward = cute.compile(
-        kernels.BandBackwardSm90(elt), q_like(), k_like(), k_like(), q_like(), stats(), stats(), acc,
-        k_like(), k_like(), bands, cutlass.Float32(1.0), cutlass.Int32(0), stream, options=options)
-    finish = cute.compile(kernels.DqFromAccumulator(elt), acc, q_like(), cutlass.Float32(1.0), stream,
-                          options=options)
+        kernels.BandBackwardSm90(elt, varlen), q_like(), k_like(), k_like(), q_like(), stats(), stats(), acc,
+        k_like(), k_like(), bands, cu_seqlens, cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0),
+        cutlass.Int32(1), stream, options=options)
+    finish = cute.compile(kernels.DqFromAccumulator(elt, varlen), acc, q_like(), cu_seqlens, cutlass.Float32(1.0),
+                          cutlass.Int32(1), stream, options=options)
     return backward, finish
+
+
+def padded_rows(p: Problem) -> int:
+    """Rows of the padded row statistics and dQ accumulator per (batch row, head): ``Tq`` rounded up to
+    whole 64-row blocks, or for packed documents room for each document to start a block of its own
+    (:func:`.cute_backward.padded_start` of one past the last document)."""
+    if p.is_varlen:
+        return (p.tq + ROW_BLOCK * p.n_docs) // ROW_BLOCK * ROW_BLOCK
+    return triton.cdiv(p.tq, ROW_BLOCK) * ROW_BLOCK
 
 
 def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, p: Problem, dlse: torch.Tensor | None = None):
     """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``), or
     ``None`` when the kernels cannot be compiled (the caller runs the Triton backward)."""
-    kernels = compiled_kernels(q.dtype)
+    kernels = compiled_kernels(q.dtype, p.is_varlen)
     if kernels is None:
         return None
     backward, finish = kernels
     b, tq, h, d = q.shape
-    t_pad = triton.cdiv(tq, ROW_BLOCK) * ROW_BLOCK
+    t_pad = padded_rows(p)
     lse2 = torch.empty(b, h, t_pad, device=q.device, dtype=torch.float32)
     delta = torch.empty_like(lse2)
     lse_c = lse.contiguous()
-    padded_row_stats_kernel[(t_pad // ROW_BLOCK, h, b)](
-        out, do, lse_c, lse_c if dlse is None else dlse.to(torch.float32).contiguous(), lse2, delta,
+    blocks = triton.cdiv(p.max_tq, ROW_BLOCK)  # per batch row, or per document (the longest)
+    padded_row_stats_kernel[(blocks, h, p.z)](
+        out, do, lse_c, lse_c if dlse is None else dlse.to(torch.float32).contiguous(), lse2, delta, p.cu,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         lse_c.stride(0), lse_c.stride(1),
         tq, t_pad,
-        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=ROW_BLOCK, HAS_DLSE=dlse is not None, num_warps=4,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=ROW_BLOCK, HAS_DLSE=dlse is not None, IS_VARLEN=p.is_varlen, num_warps=4,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bands = p.table[0].reshape(h, 4)  # [H, 4] int32: lo0, hi0, lo1, hi1
+    bands = p.table.reshape(-1, h, 4)  # [tables (one, or one per document), H, 4] int32: lo0, hi0, lo1, hi1
+    per_doc = int(p.table_doc_stride != 0)
     io_bytes = 4 * (q.numel() + k.numel()) * q.element_size()  # q, out, do, dq; k, v, dk, dv
     groups = head_groups(h, b * t_pad * d * 4, io_bytes)
     acc = torch.empty(b, groups[0][1] - groups[0][0], t_pad * d, device=q.device, dtype=torch.float32)
@@ -188,6 +200,7 @@ def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         acc_h.zero_()
         heads = slice(h0, h1)
         backward(q[:, :, heads], k[:, :, heads], v[:, :, heads], do[:, :, heads], lse2[:, heads], delta[:, heads],
-                 acc_h, dk[:, :, heads], dv[:, :, heads], bands[heads], p.scale, p.q_offset)
-        finish(acc_h, dq[:, :, heads], p.scale)
+                 acc_h, dk[:, :, heads], dv[:, :, heads], bands[:, heads], p.cu, p.scale, p.q_offset, per_doc,
+                 p.max_tk)
+        finish(acc_h, dq[:, :, heads], p.cu, p.scale, p.max_tq)
     return dq, dk, dv

@@ -474,7 +474,7 @@ def use_cute_backward(p: Problem, deterministic: bool, *tensors: torch.Tensor) -
     ``deterministic`` or under ``torch.use_deterministic_algorithms(True)`` (its dQ adds arrive in
     any order), nor when ``OLMOE_SPATTN_BWD`` names a Triton schedule or ``OLMOE_SPATTN_TRITON_FEATURES``
     forces Triton kernels; otherwise wherever :func:`.cute_launch.cute_backward_ok` accepts the call
-    (an SM90 GPU, bf16/fp16, head dim 128, no GQA, no packed documents, ``nvidia-cutlass-dsl`` and
+    (an SM90 GPU, bf16/fp16, head dim 128, no GQA, ``nvidia-cutlass-dsl`` and
     ``quack-kernels`` installed), for bands of at least ``AUTO_CUTE_BWD_MIN_EXTENT`` distances
     unless ``OLMOE_SPATTN_BWD=cute``."""
     if deterministic or torch.are_deterministic_algorithms_enabled():

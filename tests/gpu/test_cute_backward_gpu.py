@@ -3,8 +3,9 @@
 Every case goes through ``triton_band_attention`` (the package's autograd path) and must take the
 CuTe kernel (checked with a spy): bf16 and fp16, T not a multiple of the 64-query step or the
 128-key tile, T % H != 0, partition_len != T, dynamic partitions, queries placed inside a longer
-key sequence, empty rows (zero gradient, no NaN), the log-sum-exp's own gradient, and the head
-groups that bound the fp32 dQ accumulator. ``deterministic=True`` must keep the Triton pair.
+key sequence, packed documents (``cu_seqlens``, fixed and per-document partitions), empty rows
+(zero gradient, no NaN), the log-sum-exp's own gradient, and the head groups that bound the fp32
+dQ accumulator. ``deterministic=True`` must keep the Triton pair.
 Needs the ``cute`` extra (``nvidia-cutlass-dsl``, ``quack-kernels``).
 """
 
@@ -37,6 +38,12 @@ CASES = {
     "dense": (BandSpec("dense", 2, 513), (1, 513, 513, 2), {}),
     # queries at the end of a longer key sequence (a prefill chunk), head offset into the spec
     "prefill_chunk_head_offset": (BandSpec("spattention", 8, 900), (1, 300, 900, 4), {"head_offset": 4}),
+    # packed documents: a one-row document, an empty one, one of whole 128-key tiles, odd lengths
+    "packed_documents": (BandSpec("spattention", 8, 1000), (1, 3001, 3001, 8),
+                         {"cu_seqlens": (0, 700, 701, 701, 2237, 2493, 3001)}),
+    # packed documents with a partition per document length (a table per document)
+    "packed_documents_dynamic": (BandSpec("exclusive_bands", 4, "dynamic"), (1, 1500, 1500, 4),
+                                 {"cu_seqlens": (0, 129, 1000, 1064, 1500)}),
 }
 
 
@@ -68,6 +75,8 @@ def cute_calls(monkeypatch):
 def test_cute_backward_against_oracle(case, dtype, cute_calls):
     spec, (b, tq, tk, h), kw = CASES[case]
     q, k, v = _tensors(b, tq, tk, h, dtype)
+    if "cu_seqlens" in kw:
+        kw = {"cu_seqlens": torch.tensor(kw["cu_seqlens"], device="cuda", dtype=torch.int32)}
     check_heads(triton_band_attention, spec, q, k, v, lse=True, **kw)
     assert cute_calls, "the call did not take the CuTe backward"
 
@@ -176,6 +185,31 @@ def test_poison_in_unattended_keys_stays_out_of_the_gradients(pattern, poison, c
     v2.requires_grad_()
     out = triton_band_attention(q, k2, v2, spec)
     got = torch.autograd.grad(out, (q, k2, v2), g)
+    assert cute_calls
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite"
+        assert max_err(a, w) <= 1e-2 * max(w.abs().max().item(), 1.0), name
+    assert (got[1][:, bad] == 0).all() and (got[2][:, bad] == 0).all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_poison_in_a_document_stays_out_of_its_neighbours(poison, cute_calls):
+    # packed documents of 200 and 384 rows: the first document's last key tile also loads the second
+    # document's first keys; NaN / Inf in the keys no query of their own document attends must reach
+    # no gradient of either document, and their dK, dV come out 0
+    spec = BandSpec("exclusive_bands", 8, 256)
+    docs = (0, 200, 584)
+    cu = torch.tensor(docs, device="cuda", dtype=torch.int32)
+    q, k, v = _tensors(1, docs[-1], docs[-1], 8, torch.bfloat16)
+    g = torch.randn_like(q)
+    bad = torch.cat([~spec.mask(b - a, device="cuda").any(dim=1).t() for a, b in zip(docs, docs[1:])])  # [T, H]
+    assert bad[: docs[1]].any() and bad[docs[1]:].any()
+    want = torch.autograd.grad(triton_band_attention(q, k, v, spec, cu_seqlens=cu), (q, k, v), g)
+    k2, v2 = (x.detach().clone() for x in (k, v))
+    k2[:, bad], v2[:, bad] = poison, poison
+    k2.requires_grad_()
+    v2.requires_grad_()
+    got = torch.autograd.grad(triton_band_attention(q, k2, v2, spec, cu_seqlens=cu), (q, k2, v2), g)
     assert cute_calls
     for name, a, w in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite"

@@ -354,8 +354,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     for files, wgmma, reduces, _stores in counts:
         # each step body twice (edge and full steps) x five MMAs x their k-steps; two dQ reduce-adds
         assert (files, wgmma, reduces) == (1, [64], [2]), done.stdout
-    # batch rows store dK and dV by TMA only; packed documents also row by row (a document's last tile)
-    assert [c[3][0] > 0 for c in counts] == [False, False, True, True], done.stdout
+    # dK and dV rows stored from registers: zeros of empty walks; packed documents also a document's last tile
+    rows, docs = counts[0][3][0], counts[2][3][0]
+    assert 0 < rows < docs and counts[1][3][0] == rows and counts[3][3][0] == docs, done.stdout
 
 
 @pytest.mark.parametrize(("versions", "ok"), [

@@ -207,18 +207,22 @@ def padded_start(start: int, z: int) -> int:
 
 
 @cute.jit
-def store_rows(src: cute.Tensor, dst: cute.Tensor, n_rows: Int32, tidx: Int32, n_threads: cutlass.Constexpr[int]):
-    """Rows ``0 .. n_rows - 1`` of the shared-memory tile ``src (R, C)`` into the global ``dst (R, C)``,
-    eight columns per thread and pass: a packed document's last tile, whose other rows belong to the
-    next document (a TMA store would write them)."""
-    rows, cols = cute.size(src, mode=[0]), cute.size(src, mode=[1])
+def store_rows(src: cute.Tensor | None, dst: cute.Tensor, n_rows: Int32, tidx: Int32, n_threads: cutlass.Constexpr[int]):
+    """Rows ``0 .. n_rows - 1`` of the shared-memory tile ``src (R, C)`` (zeros when ``src`` is ``None``)
+    into the global ``dst (R, C)``, eight columns per thread and pass: a packed document's last tile,
+    whose other rows belong to the next document (a TMA store would write them)."""
+    rows, cols = cute.size(dst, mode=[0]), cute.size(dst, mode=[1])
     per_row = cols // 8
+    part = cute.make_rmem_tensor((8,), dst.element_type)
+    if cutlass.const_expr(src is None):
+        part.fill(0.0)
     for i in cutlass.range(tidx, rows * per_row, n_threads, unroll=1):
         r = i // per_row
-        c0 = (i % per_row) * 8
+        chunk = i % per_row
         if r < n_rows:
-            for c in cutlass.range_constexpr(8):
-                dst[r, c0 + c] = src[r, c0 + c]
+            if cutlass.const_expr(src is not None):
+                cute.autovec_copy(cute.local_tile(src[r, None], (8,), (chunk,)), part)
+            cute.autovec_copy(part, cute.local_tile(dst[r, None], (8,), (chunk,)))
 
 
 class Geometry(NamedTuple):
@@ -349,48 +353,56 @@ class BandBackwardSm90:
                                                                        self.varlen)
         bands = (mBands[table, h, 0], mBands[table, h, 1], mBands[table, h, 2], mBands[table, h, 3])
         geometry = Geometry(n_block, h, b, start, tq, tk, q_off, stat_block, bands)
-        if warp == 0:
-            for atom in (atom_q, atom_do, atom_k, atom_v, atom_dk, atom_dv):
-                cpasync.prefetch_descriptor(atom)
-
-        s = cutlass.memory.SmemAllocator().allocate(storage)
-        producer = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread)
-        consumers = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread, self.num_mma_threads // 32)
-        rows_bytes = TILE_M * HEAD_DIM * self.dtype.width // 8 + TILE_M * 4  # a Q (or dO) tile + its statistics
-        pipe_q = cutlass.pipeline.PipelineTmaAsync.create(
-            barrier_storage=s.mbar_q.data_ptr(), num_stages=STAGES, producer_group=producer,
-            consumer_group=consumers, tx_count=rows_bytes, defer_sync=True)
-        pipe_do = cutlass.pipeline.PipelineTmaAsync.create(
-            barrier_storage=s.mbar_do.data_ptr(), num_stages=STAGES, producer_group=producer,
-            consumer_group=consumers, tx_count=rows_bytes, defer_sync=True)
-        pipe_kv = cutlass.pipeline.PipelineTmaAsync.create(  # its init also fences and syncs the others'
-            barrier_storage=s.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
-            consumer_group=consumers, tx_count=2 * TILE_N * HEAD_DIM * self.dtype.width // 8)
-
-        sQ = s.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)  # (64, D, STAGES)
-        sdO = s.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)  # (64, D, STAGES)
-        sK = s.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)  # (128, D)
-        sV = s.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)  # (128, D)
-        sdS = s.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)  # (64, 128, STAGES)
-        sdQ = s.sdQ.get_tensor(sdQ_layout)  # (64 * D / 2, 2) fp32
-        sLSE = s.s_lse.get_tensor(cute.make_layout((TILE_M, STAGES)))
-        sDelta = s.s_delta.get_tensor(cute.make_layout((TILE_M, STAGES)))
-
-        # a document shorter than the longest one has no queries for its last CTAs: empty walks
         edge, full = step_walk(bands, n_block, tq, tk, q_off, TILE_M, TILE_N)
-        if warp < 4:
-            cute.arch.setmaxregister_decrease(24)
-            if warp == 0:
-                self.load(mQ, mdO, mK, mV, mLSE, mDelta, sQ, sdO, sK, sV, sLSE, sDelta, atom_q, atom_do,
-                          atom_k, atom_v, pipe_q, pipe_do, pipe_kv, geometry, edge, full)
-            if warp == 1:
-                self.write_dq(mdQacc, sdQ, geometry, edge, full)
+        n_edge, n_full = walk_length(edge, full)
+        if n_edge + n_full == 0:
+            # no query sees these keys (or the tile lies past a shorter document's end): zero dK and dV
+            # rows straight from registers, without the pipelines and the shared-memory epilogue
+            rows_left = cutlass.min(tk - n_block * TILE_N, Int32(TILE_N))
+            for dst in (gmem_dK, gmem_dV):
+                store_rows(None, cute.local_tile(self._rows(dst, geometry), (TILE_N, HEAD_DIM), (n_block, 0)),
+                           rows_left, cute.arch.thread_idx()[0], self.num_threads)
         else:
-            cute.arch.setmaxregister_increase(240)
-            tidx = cute.arch.thread_idx()[0] - 128
-            self.compute(mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, gmem_dK, gmem_dV, atom_dk, atom_dv, sQ, sdO,
-                         sK, sV, sdS, sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale,
-                         geometry, edge, full)
+            if warp == 0:
+                for atom in (atom_q, atom_do, atom_k, atom_v, atom_dk, atom_dv):
+                    cpasync.prefetch_descriptor(atom)
+
+            s = cutlass.memory.SmemAllocator().allocate(storage)
+            producer = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread)
+            consumers = cutlass.pipeline.CooperativeGroup(cutlass.pipeline.Agent.Thread, self.num_mma_threads // 32)
+            rows_bytes = TILE_M * HEAD_DIM * self.dtype.width // 8 + TILE_M * 4  # a Q (or dO) tile + its statistics
+            pipe_q = cutlass.pipeline.PipelineTmaAsync.create(
+                barrier_storage=s.mbar_q.data_ptr(), num_stages=STAGES, producer_group=producer,
+                consumer_group=consumers, tx_count=rows_bytes, defer_sync=True)
+            pipe_do = cutlass.pipeline.PipelineTmaAsync.create(
+                barrier_storage=s.mbar_do.data_ptr(), num_stages=STAGES, producer_group=producer,
+                consumer_group=consumers, tx_count=rows_bytes, defer_sync=True)
+            pipe_kv = cutlass.pipeline.PipelineTmaAsync.create(  # its init also fences and syncs the others'
+                barrier_storage=s.mbar_kv.data_ptr(), num_stages=1, producer_group=producer,
+                consumer_group=consumers, tx_count=2 * TILE_N * HEAD_DIM * self.dtype.width // 8)
+
+            sQ = s.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)  # (64, D, STAGES)
+            sdO = s.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)  # (64, D, STAGES)
+            sK = s.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)  # (128, D)
+            sV = s.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)  # (128, D)
+            sdS = s.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)  # (64, 128, STAGES)
+            sdQ = s.sdQ.get_tensor(sdQ_layout)  # (64 * D / 2, 2) fp32
+            sLSE = s.s_lse.get_tensor(cute.make_layout((TILE_M, STAGES)))
+            sDelta = s.s_delta.get_tensor(cute.make_layout((TILE_M, STAGES)))
+
+            if warp < 4:
+                cute.arch.setmaxregister_decrease(24)
+                if warp == 0:
+                    self.load(mQ, mdO, mK, mV, mLSE, mDelta, sQ, sdO, sK, sV, sLSE, sDelta, atom_q, atom_do,
+                              atom_k, atom_v, pipe_q, pipe_do, pipe_kv, geometry, edge, full)
+                if warp == 1:
+                    self.write_dq(mdQacc, sdQ, geometry, edge, full)
+            else:
+                cute.arch.setmaxregister_increase(240)
+                tidx = cute.arch.thread_idx()[0] - 128
+                self.compute(mma_sdp, mma_dkv, mma_dq, r2s_dq, mdK, mdV, gmem_dK, gmem_dV, atom_dk, atom_dv, sQ, sdO,
+                             sK, sV, sdS, sdQ, sLSE, sDelta, pipe_q, pipe_do, pipe_kv, tidx, scale_log2, scale,
+                             geometry, edge, full)
 
     def _rows(self, tensor: cute.Tensor, geometry) -> cute.Tensor:
         """``(T, D)`` rows of ``tensor (T, D, H, B)`` for this CTA's head and batch row, or document."""
@@ -424,21 +436,19 @@ class BandBackwardSm90:
         state_do = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Producer, STAGES)
         state_kv = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Producer, 1)
         n_edge, n_full = walk_length(edge, full)
-        steps = n_edge + n_full
-        if steps > 0:
-            pipe_kv.producer_acquire(state_kv)
-            load_k(tma_bar_ptr=pipe_kv.producer_get_barrier(state_kv))
-            load_v(tma_bar_ptr=pipe_kv.producer_get_barrier(state_kv))
-            for it in cutlass.range(steps, unroll=1):
-                m = walk_block(it, edge, full)
-                pipe_q.producer_acquire(state_q)
-                load_q(m, producer_state=state_q)
-                load_lse(geometry.stat_block + m, producer_state=state_q)
-                pipe_do.producer_acquire(state_do)
-                load_do(m, producer_state=state_do)
-                load_delta(geometry.stat_block + m, producer_state=state_do)
-                state_q.advance()
-                state_do.advance()
+        pipe_kv.producer_acquire(state_kv)
+        load_k(tma_bar_ptr=pipe_kv.producer_get_barrier(state_kv))
+        load_v(tma_bar_ptr=pipe_kv.producer_get_barrier(state_kv))
+        for it in cutlass.range(n_edge + n_full, unroll=1):
+            m = walk_block(it, edge, full)
+            pipe_q.producer_acquire(state_q)
+            load_q(m, producer_state=state_q)
+            load_lse(geometry.stat_block + m, producer_state=state_q)
+            pipe_do.producer_acquire(state_do)
+            load_do(m, producer_state=state_do)
+            load_delta(geometry.stat_block + m, producer_state=state_do)
+            state_q.advance()
+            state_do.advance()
 
     @cute.jit
     def write_dq(self, mdQacc, sdQ, geometry, edge, full):
@@ -498,19 +508,15 @@ class BandBackwardSm90:
         state_q = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Consumer, STAGES)
         state_do = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Consumer, STAGES)
         state_kv = cutlass.pipeline.make_pipeline_state(cutlass.pipeline.PipelineUserType.Consumer, 1)
-        n_edge, n_full = walk_length(edge, full)
-        if n_edge + n_full > 0:
-            pipe_kv.consumer_wait(state_kv)
-            self.zero_unattended_keys(sK, sV, tidx, geometry)
+        n_edge, n_full = walk_length(edge, full)  # at least one step (the kernel zeroes dK, dV of empty walks)
+        pipe_kv.consumer_wait(state_kv)
+        self.zero_unattended_keys(sK, sV, tidx, geometry)
         # edge steps (element mask), then full steps: two straight-line copies of the step
         for it in cutlass.range(n_edge, unroll=1):
             state_q, state_do = one_step(nth_block(it, edge), it == 0, state_q, state_do, masked=True)
         for it in cutlass.range(n_full, unroll=1):
             state_q, state_do = one_step(nth_block(it, full), (it == 0) & (n_edge == 0), state_q, state_do,
                                          masked=False)
-        if n_edge + n_full == 0:  # no query sees these keys
-            acc_dK.fill(0.0)
-            acc_dV.fill(0.0)
         acc_dK.store(acc_dK.load() * scale)
         self.store_dkdv(acc_dK, acc_dV, mma_dkv, mdK, mdV, gmem_dK, gmem_dV, sK, sV, atom_dk, atom_dv, tidx, geometry)
 

@@ -53,7 +53,7 @@ def test_padded_row_stats():
 def test_padded_row_stats_of_packed_documents():
     """Each document's rows land in blocks of its own, from ``padded_start``; pad rows get lse2 = +inf
     and delta = 0, and no document's statistics overwrite another's."""
-    from olmoe_spattn.kernels.cute_backward import padded_start
+    from olmoe_spattn.kernels.cute_launch import padded_start
 
     lengths = [70, 0, 130, 5, 64]
     cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
@@ -88,7 +88,7 @@ def test_padded_row_stats_of_packed_documents():
 
 @pytest.mark.parametrize("lengths", [[1], [64, 64, 64], [63, 1, 65, 0, 200], [0, 0, 5], [129] * 7])
 def test_padded_documents_fit_and_do_not_overlap(lengths):
-    from olmoe_spattn.kernels.cute_backward import padded_start
+    from olmoe_spattn.kernels.cute_launch import padded_start
 
     cu = [0, *np.cumsum(lengths).tolist()]
     p = SimpleNamespace(is_varlen=True, tq=cu[-1], n_docs=len(lengths))  # what padded_rows reads of a Problem

@@ -88,7 +88,7 @@ def padded_row_stats_kernel(
     log2(e)``, ``+inf`` on rows that attend nothing and rows past ``Tq`` (so their ``P`` is 0),
     and ``delta = rowsum(dO * O) - dlse``, 0 past ``Tq``. Grid ``(blocks, H, B)``; with ``IS_VARLEN``
     ``(blocks of the longest document, H, documents)``, each document's rows written from
-    ``(cu[z] + BLOCK_M z)`` rounded down to a whole block (``cute_backward.padded_start``) and padded to
+    ``(cu[z] + BLOCK_M z)`` rounded down to a whole block (``cute_launch.padded_start``) and padded to
     whole blocks, so no two documents share a block."""
     m = tl.program_id(0)
     h = tl.program_id(1)

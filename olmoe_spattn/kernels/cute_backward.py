@@ -55,8 +55,10 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 from quack import copy_utils, layout_utils, sm90_utils
 
+from .cute_launch import ROW_BLOCK, padded_start
+
 HEAD_DIM = 128
-TILE_M = 64  # queries per step
+TILE_M = ROW_BLOCK  # queries per step
 TILE_N = 128  # keys per CTA
 STAGES = 2  # depth of the Q and dO rings
 
@@ -194,16 +196,9 @@ def sequence_geometry(z: Int32, cu_seqlens: cute.Tensor, tq: Int32, tk: Int32, q
         tq = cu_seqlens[z + 1] - start
         tk = tq
         q_off = Int32(0)
-        stat_block = (start + TILE_M * z) // TILE_M
+        stat_block = padded_start(start, z) // TILE_M
         table = z * per_doc
     return b, start, tq, tk, q_off, stat_block, table
-
-
-def padded_start(start: int, z: int) -> int:
-    """Where packed document ``z`` (first row ``start``) begins in the padded row statistics and dQ
-    accumulator: ``start + 64 z`` rounded down to a whole 64-row block, so that every document gets
-    its own blocks (``padded_start(cu[z + 1], z + 1) - padded_start(cu[z], z) >= ceil(len / 64) * 64``)."""
-    return (start + TILE_M * z) // TILE_M * TILE_M
 
 
 @cute.jit

@@ -158,12 +158,20 @@ def _compiled(dtype: torch.dtype, varlen: bool = False):
     return backward, finish
 
 
+def padded_start(start, z):
+    """Where packed document ``z`` (first row ``start``) begins in the padded row statistics and dQ
+    accumulator: ``start + 64 z`` rounded down to a whole 64-row block, so that every document gets
+    blocks of its own (``padded_start(cu[z + 1], z + 1) - padded_start(cu[z], z) >= ceil(len / 64) * 64``).
+    Plain integer arithmetic: the CuTe kernels call it on their own integers too."""
+    return (start + ROW_BLOCK * z) // ROW_BLOCK * ROW_BLOCK
+
+
 def padded_rows(p: Problem) -> int:
     """Rows of the padded row statistics and dQ accumulator per (batch row, head): ``Tq`` rounded up to
     whole 64-row blocks, or for packed documents room for each document to start a block of its own
-    (:func:`.cute_backward.padded_start` of one past the last document)."""
+    (:func:`padded_start` of one past the last document)."""
     if p.is_varlen:
-        return (p.tq + ROW_BLOCK * p.n_docs) // ROW_BLOCK * ROW_BLOCK
+        return padded_start(p.tq, p.n_docs)
     return triton.cdiv(p.tq, ROW_BLOCK) * ROW_BLOCK
 
 

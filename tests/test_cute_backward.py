@@ -100,6 +100,72 @@ def test_padded_documents_fit_and_do_not_overlap(lengths):
     assert ends <= cute_launch.padded_rows(p)
 
 
+def _working_heads(spec, tq, tk, q_off, head_offset, n_local, docs=None):
+    """Brute force over the oracle masks: the local heads with at least one (query, key) pair."""
+    if docs is None:
+        masks = [spec.mask(tk, q_len=tq, q_offset=q_off, head_offset=head_offset, n_local_heads=n_local)]
+    else:
+        masks = [spec.mask(n, head_offset=head_offset, n_local_heads=n_local) for n in docs if n > 0]
+    return [h for h in range(n_local) if any(m[h].any() for m in masks)]
+
+
+@pytest.mark.parametrize(("spec", "tq", "tk", "q_off", "head_offset", "n_local", "docs"), [
+    (BandSpec("exclusive_bands", 8, 1024), 300, 300, 0, 0, 8, None),  # bands past T: heads 3..7 idle
+    (BandSpec("exclusive_bands", 8, 1024), 100, 700, 600, 2, 6, None),  # queries late in the keys
+    (BandSpec("gapped_bands", 4, 1030), 1030, 1030, 0, 0, 4, None),
+    (BandSpec("spattention", 8, 4096), 500, 500, 0, 0, 8, None),
+    (BandSpec("exclusive_bands", 16, 16384), 0, 0, 0, 0, 16, (455, 910, 3640, 1)),  # packed documents
+    (BandSpec("exclusive_bands", 4, "dynamic"), 0, 0, 0, 0, 4, (3, 50, 9)),  # a table per document
+    (BandSpec("exclusive_bands", 8, 64), 0, 0, 0, 0, 8, (1, 2)),  # one- and two-row documents
+    (BandSpec("exclusive_bands", 8, 64), 9, 9, 0, 0, 8, None),  # head 1's one pair: distance 8 = T - 1
+    (BandSpec("exclusive_bands", 8, 64), 8, 8, 0, 0, 8, None),  # head 1 starts at distance 8 = T: idle
+    (BandSpec("exclusive_bands", 8, 64), 0, 0, 0, 0, 8, (8, 9, 3)),  # the same inside packed documents
+])
+def test_heads_with_work_hold_every_head_with_a_pair(spec, tq, tk, q_off, head_offset, n_local, docs):
+    cu = None
+    if docs is not None:
+        cu = torch.tensor([0, *np.cumsum(docs)], dtype=torch.int32)
+        tq = tk = int(cu[-1])
+    q = torch.zeros(1, tq, n_local, 128)
+    k = torch.zeros(1, tk, n_local, 128)
+    p = Problem(q, k, spec, head_offset=head_offset, q_offset=q_off, cu_seqlens=cu,
+                max_seqlen=max(docs) if docs else tq, scale=1.0)
+    working = _working_heads(spec, tq, tk, q_off, head_offset, n_local, docs)
+    first, last = p.heads_with_work()
+    assert working, "a case without any pair tests nothing"
+    assert first <= working[0] and working[-1] < last  # never skips a head with work
+    assert (first, last) == (working[0], working[-1] + 1)  # and skips the idle heads at both ends
+
+
+def test_run_backward_cute_launches_only_heads_with_work(monkeypatch):
+    spec = BandSpec("exclusive_bands", 8, 1024)  # 128 distances per head: heads 3..7 idle at T = 300
+    q = torch.ones(1, 300, 8, 128, dtype=torch.bfloat16)
+    p = Problem(q, q, spec, head_offset=0, q_offset=0, cu_seqlens=None, max_seqlen=300, scale=1.0)
+    launched = []
+
+    def backward(q, k, v, do, lse2, delta, acc, dk, dv, bands, *rest):
+        launched.append(q.shape[2])
+        for grad in (dk, dv):
+            grad.fill_(1.0)
+
+    def finish(acc, dq, *rest):
+        dq.fill_(1.0)
+
+    monkeypatch.setattr(cute_launch, "compiled_kernels", lambda dtype, varlen=False: (backward, finish))
+    stats_grids = []
+
+    class StatsKernel:  # kernel[grid](...) as Triton launches it
+        def __getitem__(self, grid):
+            stats_grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(cute_launch, "padded_row_stats_kernel", StatsKernel())
+    dq, dk, dv = cute_launch.run_backward_cute(q, q, q, q, q, torch.zeros(1, 8, 300), p)
+    assert launched == [3] and stats_grids == [(5, 3, 1)]  # heads 0..2, one group; 5 row blocks of 64
+    for grad in (dq, dk, dv):
+        assert (grad[:, :, :3] == 1).all() and (grad[:, :, 3:] == 0).all()
+
+
 @pytest.mark.parametrize(("n_heads", "per_head", "io", "want"), [
     (16, 32 << 20, 2 << 30, [(0, 4), (4, 8), (8, 12), (12, 16)]),  # 65536 x 128 fp32 per head: 1/16 of io
     (16, 1 << 20, 2 << 30, [(0, 16)]),  # small accumulators: one launch

@@ -58,12 +58,36 @@ def interval_table(
     table per key length: the call's ``kv_len``, or each packed document's length.
     """
     assert MAX_INTERVALS == 2
-    dev = str(device)
+    lengths = table_lengths(spec, kv_len, doc_lengths)
+    per_doc = spec.is_dynamic and doc_lengths is not None
+    return _device_table(spec, lengths, head_offset, n_local, str(device)), n_local * 4 if per_doc else 0
+
+
+def table_lengths(spec: BandSpec, kv_len: int, doc_lengths: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The key lengths whose interval tables a call needs: none for a fixed partition length (one
+    table for every sequence), else the call's ``kv_len`` or each packed document's length."""
     if not spec.is_dynamic:
-        return _device_table(spec, None, head_offset, n_local, dev), 0
-    if doc_lengths is None:
-        return _device_table(spec, (kv_len,), head_offset, n_local, dev), 0
-    return _device_table(spec, tuple(doc_lengths), head_offset, n_local, dev), n_local * 4
+        return None
+    return (kv_len,) if doc_lengths is None else tuple(doc_lengths)
+
+
+#: :func:`nearest_distances` of a head that allows no distance at all
+NO_DISTANCE = 2**31 - 1
+
+
+@functools.lru_cache(maxsize=512)
+def nearest_distances(spec: BandSpec, lengths: tuple[int, ...] | None, head_offset: int,
+                      n_local: int) -> tuple[int, ...]:
+    """Per local head, the smallest distance any of the call's tables (:func:`table_lengths`)
+    allows it (:data:`NO_DISTANCE` when none does): a head whose nearest distance exceeds every
+    (query, key) distance of the call has no pair, and zero gradients."""
+    lens = [None] if lengths is None else [max(n, 1) for n in lengths]
+    tables = [_cpu_table(spec, n, head_offset, n_local) for n in lens]  # each [H_local, 2, 2]
+    nearest = []
+    for h in range(n_local):
+        lows = [int(t[h, s, 0]) for t in tables for s in range(MAX_INTERVALS) if t[h, s, 1] > t[h, s, 0]]
+        nearest.append(min(lows, default=NO_DISTANCE))
+    return tuple(nearest)
 
 
 @functools.lru_cache(maxsize=512)
@@ -271,6 +295,7 @@ class Problem:
                 spec, head_offset=head_offset, n_local=self.n_heads, device=q.device,
                 kv_len=self.tk, doc_lengths=lengths,
             )
+            self._bands = (spec, table_lengths(spec, self.tk, lengths), head_offset, self.n_heads)
             self.z = self.n_docs
             self.max_tq = self.max_seqlen
             self.max_tk = self.max_seqlen
@@ -280,11 +305,21 @@ class Problem:
             self.table, self.table_doc_stride = interval_table(
                 spec, head_offset=head_offset, n_local=self.n_heads, device=q.device, kv_len=self.tk
             )
+            self._bands = (spec, table_lengths(spec, self.tk, None), head_offset, self.n_heads)
             self.z = self.batch
             self.max_tq = self.tq
             self.max_tk = self.tk
             ext_len = self.tk
         self.extent = band_extent(spec, max(ext_len, 1), head_offset, self.n_heads) if ext_len > 0 else 0
+
+    def heads_with_work(self) -> tuple[int, int]:
+        """``(a, b)``: local heads ``a .. b - 1`` hold every head that has a (query, key) pair in this
+        call (``(0, 0)``: none has). A head whose nearest allowed distance exceeds the largest
+        distance of the call (the last query position; the longest document's length - 1 with
+        packed documents) has none, and zero gradients."""
+        reach = self.max_seqlen - 1 if self.is_varlen else self.q_offset + self.tq - 1
+        working = [h for h, d in enumerate(nearest_distances(*self._bands)) if d <= reach]
+        return (working[0], working[-1] + 1) if working else (0, 0)
 
     @staticmethod
     @functools.lru_cache(maxsize=8)

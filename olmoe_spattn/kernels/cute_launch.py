@@ -178,27 +178,40 @@ def padded_rows(p: Problem) -> int:
 def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, p: Problem, dlse: torch.Tensor | None = None):
     """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``), or
-    ``None`` when the kernels cannot be compiled (the caller runs the Triton backward)."""
+    ``None`` when the kernels cannot be compiled (the caller runs the Triton backward).
+
+    Only the heads :meth:`.Problem.heads_with_work` names are launched; the others' gradients are
+    zero (bands that start past every distance of the call: most heads of ``exclusive_bands`` with
+    documents shorter than the partition)."""
     kernels = compiled_kernels(q.dtype, p.is_varlen)
     if kernels is None:
         return None
     backward, finish = kernels
-    b, tq, h, d = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    first, last = p.heads_with_work()
+    for grad in (dq, dk, dv):
+        grad[:, :, :first].zero_()
+        grad[:, :, last:].zero_()
+    if first == last:
+        return dq, dk, dv
+    work = slice(first, last)
+    b, tq, _, d = q.shape
+    h = last - first
     t_pad = padded_rows(p)
     lse2 = torch.empty(b, h, t_pad, device=q.device, dtype=torch.float32)
     delta = torch.empty_like(lse2)
-    lse_c = lse.contiguous()
+    lse_w = lse.contiguous()[:, work]
     blocks = triton.cdiv(p.max_tq, ROW_BLOCK)  # per batch row, or per document (the longest)
     padded_row_stats_kernel[(blocks, h, p.z)](
-        out, do, lse_c, lse_c if dlse is None else dlse.to(torch.float32).contiguous(), lse2, delta, p.cu,
+        out[:, :, work], do[:, :, work], lse_w, lse_w if dlse is None else dlse.to(torch.float32).contiguous()[:, work],
+        lse2, delta, p.cu,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        lse_c.stride(0), lse_c.stride(1),
+        lse_w.stride(0), lse_w.stride(1),
         tq, t_pad,
         HEAD_DIM=d, BLOCK_D=d, BLOCK_M=ROW_BLOCK, HAS_DLSE=dlse is not None, IS_VARLEN=p.is_varlen, num_warps=4,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bands = p.table.reshape(-1, h, 4)  # [tables (one, or one per document), H, 4] int32: lo0, hi0, lo1, hi1
+    bands = p.table.reshape(-1, p.n_heads, 4)  # [tables (one, or one per document), H, 4] int32: lo0, hi0, lo1, hi1
     per_doc = int(p.table_doc_stride != 0)
     io_bytes = 4 * (q.numel() + k.numel()) * q.element_size()  # q, out, do, dq; k, v, dk, dv
     groups = head_groups(h, b * t_pad * d * 4, io_bytes)
@@ -206,8 +219,8 @@ def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     for h0, h1 in groups:
         acc_h = acc[:, : h1 - h0]
         acc_h.zero_()
-        heads = slice(h0, h1)
-        backward(q[:, :, heads], k[:, :, heads], v[:, :, heads], do[:, :, heads], lse2[:, heads], delta[:, heads],
+        heads = slice(first + h0, first + h1)
+        backward(q[:, :, heads], k[:, :, heads], v[:, :, heads], do[:, :, heads], lse2[:, h0:h1], delta[:, h0:h1],
                  acc_h, dk[:, :, heads], dv[:, :, heads], bands[:, heads], p.cu, p.scale, p.q_offset, per_doc,
                  p.max_tk)
         finish(acc_h, dq[:, :, heads], p.cu, p.scale, p.max_tq)

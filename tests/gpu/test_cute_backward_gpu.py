@@ -32,6 +32,8 @@ CASES = {
     # partition_len != T and empty rows at the start of every band but the first
     "exclusive_empty_rows": (BandSpec("exclusive_bands", 5, 512), (1, 777, 777, 5), {}),
     "exclusive_dynamic": (BandSpec("exclusive_bands", 4, "dynamic"), (1, 1500, 1500, 4), {}),
+    # bands that start past T: heads 3..7 have no pair and are not launched (zero gradients)
+    "exclusive_idle_heads": (BandSpec("exclusive_bands", 8, 1024), (2, 300, 300, 8), {}),
     # two intervals per head
     "gapped_bands": (BandSpec("gapped_bands", 4, 1030), (1, 1030, 1030, 4), {}),
     "sliding_window": (BandSpec("sliding_window", 3, 700), (2, 700, 700, 3), {}),

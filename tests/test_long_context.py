@@ -103,3 +103,47 @@ def test_load_path_resolution(tmp_path):
     (step / "train").mkdir(parents=True)
     assert resolve_load_path(str(step)) == str(step)
     assert resolve_load_path(str(tmp_path / "run")) == str(tmp_path / "run")
+
+
+def test_dense_layers_mask_documents_through_the_band_backend():
+    """OLMo-core's torch SDPA backend cannot mask packed documents, so a dense recipe with
+    ``data.document_masking`` runs its layers through the ``dense`` band pattern: a document's
+    logits do not depend on the tokens of the document before it."""
+    import torch
+
+    from olmoe_spattn.olmo import build_model
+    from olmoe_spattn.olmo.train import mask_documents_in_dense_layers
+
+    assert mask_documents_in_dense_layers(None, load_recipe("tiny-dense")) == 0  # no masking: untouched
+    assert mask_documents_in_dense_layers(None, load_recipe("tiny", ["data.document_masking=true"])) == 0
+    recipe = load_recipe("tiny-dense", ["data.document_masking=true"])
+    model = build_model(recipe.model_config(), "cpu")
+    assert mask_documents_in_dense_layers(model, recipe) == recipe.model.n_layers
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 500, (1, 64), generator=g)
+    other = ids.clone()
+    other[0, :20] = torch.randint(2, 500, (20,), generator=g)  # a different first document
+    kwargs = {"doc_lens": torch.tensor([[20, 44]]), "max_doc_lens": [44]}
+    with torch.no_grad():
+        first, second = model(ids, **kwargs), model(other, **kwargs)
+    torch.testing.assert_close(first[0, 20:], second[0, 20:], rtol=0, atol=1e-5)  # MoE batching: rounding only
+    assert (first[0, :20] - second[0, :20]).abs().max() > 0.1
+
+
+def test_dense_twin_trains_with_document_masking(tmp_path):
+    """The dense twins of the long-context recipes mask documents: `olmoe-spattn train` runs, and the
+    checkpoint stays a dense model (converts to Hugging Face as one)."""
+    import subprocess
+    import sys
+
+    from olmoe_spattn.hf.convert import load_olmo_core_checkpoint
+    from olmoe_spattn.olmo import band_spec_of
+
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "olmoe_spattn.cli", "train", "tiny-dense", "--set", "data.document_masking=true",
+           "--set", "train.max_steps=2", "--set", "train.save_interval=2", "--set", f"train.save_folder={save}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dense attention with document masking" in proc.stderr + proc.stdout
+    assert band_spec_of(load_olmo_core_checkpoint(save / "step2").model_config) is None

@@ -373,6 +373,23 @@ def _check_parallelism(recipe: Recipe, device: torch.device) -> None:
         )
 
 
+def mask_documents_in_dense_layers(model, recipe: Recipe) -> int:
+    """With ``data.document_masking`` on a dense recipe, runs the dense layers through this package's
+    backend with the ``dense`` pattern (every causal pair, within each document), in place: OLMo-core's
+    own torch SDPA backend cannot mask packed documents, and its flash backends need flash-attn. Same
+    parameters and checkpoints; the model config stays dense. Returns the number of layers switched."""
+    if not recipe.data.document_masking or recipe.attention != "dense":
+        return 0
+    from ..bands import BandSpec
+    from .attention import set_model_attention
+
+    spec = BandSpec("dense", recipe.model.n_heads, recipe.train.sequence_length)
+    count = set_model_attention(model, spec, recipe.attention_backend)
+    log.info("dense attention with document masking: %d layers run the %s backend's dense pattern", count,
+             recipe.attention_backend)
+    return count
+
+
 def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bool = False) -> dict[str, float]:
     """Trains ``recipe`` (resuming from ``train.save_folder`` if it holds a checkpoint).
 
@@ -401,6 +418,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, allow_attention_change: bo
         save_folder = str(Path(t.save_folder).resolve())
         model_config = recipe.model_config()
         model = model_config.build(init_device="meta")
+        mask_documents_in_dense_layers(model, recipe)
         if needs_torch_moe(device):
             from .moe_cpu import use_torch_moe
 

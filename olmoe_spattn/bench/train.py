@@ -13,6 +13,12 @@ as ``train.compile: true`` trains) after ``--activation-checkpointing`` (OLMo-co
 ``apply_activation_checkpointing``). Switching the attention in place makes each compiled block
 compile once per variant (the untimed warm-up steps absorb it).
 
+``--docs N`` packs N documents of uneven lengths (in proportion 1 : 2 : ... : N) into every
+sequence and masks them, as training with ``data.document_masking`` does: the model gets OLMo-core's
+``doc_lens``, the band patterns keep the sequence-length partition, and dense attention runs
+this package's ``dense`` pattern within each document (OLMo-core's SDPA backend cannot mask
+documents); the attention core and the ideal bound count pairs within documents.
+
 Depth extrapolation (``--extrapolate-to L``, and ``--preset long`` when the full model does not
 fit one GPU by :mod:`olmoe_spattn.olmo.memory`'s estimate): the setting runs at two depths
 ``a < b`` (``--layers`` and twice that), per-layer time = ``(step_b - step_a) / (b - a)``, the
@@ -32,6 +38,7 @@ Results go to benchmarks/results/<gpu>/train_bench.{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: none, or selected_ops for --preset long)")
     parser.add_argument("--extrapolate-to", type=int, default=None, metavar="L",
                         help="also measure at 2x --layers and extrapolate the step time to L layers")
+    parser.add_argument("--docs", type=int, default=0,
+                        help="pack this many documents into each sequence and mask them, as training with "
+                             "data.document_masking (default 0: one document per sequence)")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/<gpu>)")
     parser.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
 
@@ -108,6 +118,13 @@ class Setting:
     compile: bool = False
     activation_checkpointing: str = "none"
     extrapolated_from: list[int] = field(default_factory=list)  # depths measured (empty: measured row)
+    docs: int = 0  # packed documents per sequence (0: none)
+
+    def doc_lengths(self) -> list[int]:
+        """Each sequence's document lengths (one document when ``docs`` is 0)."""
+        from .backward import document_lengths
+
+        return document_lengths(self.seq_len, self.docs) if self.docs else [self.seq_len]
 
 
 def _recipe(model: str, layers: int | None, seq_len: int | None, batch: int):
@@ -121,12 +138,13 @@ def _recipe(model: str, layers: int | None, seq_len: int | None, batch: int):
     return load_recipe(model, overrides + ["attention=dense"])
 
 
-def _train_step_fn(model, optim, ids: torch.Tensor, labels: torch.Tensor, device: torch.device):
+def _train_step_fn(model, optim, ids: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                   doc_kwargs: dict | None = None):
     import torch
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(ids)  # [B, T, V]
+            logits = model(ids, **(doc_kwargs or {}))  # [B, T, V]
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()  # MoE load-balancing / z losses ride along through attach_auxiliary_loss
         optim.step()
@@ -145,11 +163,20 @@ def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, dev
 
     B, T, H, D = setting.batch, setting.seq_len, setting.n_heads, setting.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    packed = {}
+    if setting.docs:  # one packed row of B x T tokens, as OLMo-core hands documents to attention
+        lengths = setting.doc_lengths() * B
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
+        packed = {"cu_seqlens": cu, "max_seqlen": max(lengths)}
+        B, T = 1, B * T
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, T, H, D, device=device, dtype=dtype)
     fns = {}
 
     def dense() -> None:
+        if packed:  # within documents: the dense pattern, as the model's dense layers run it
+            band_attention(q, k, v, BandSpec("dense", H, setting.seq_len), backend, **packed).backward(dout)
+            return
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
@@ -157,10 +184,10 @@ def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, dev
 
     fns["dense"] = dense
     for p in patterns:
-        spec = BandSpec(p, H, T)
+        spec = BandSpec(p, H, setting.seq_len)
 
         def band(spec: BandSpec = spec) -> None:
-            band_attention(q, k, v, spec, backend).backward(dout)
+            band_attention(q, k, v, spec, backend, **packed).backward(dout)
 
         fns[p] = band
     return fns
@@ -187,10 +214,17 @@ def _time_training_steps(config, setting: Setting, patterns: list[str], args: ar
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab_size, (setting.batch, setting.seq_len + 1), generator=g).to(device)
-    step = _train_step_fn(model, optim, ids[:, :-1], ids[:, 1:], device)
+    doc_kwargs = None
+    if setting.docs:  # OLMo-core's doc_lens: [B, documents] per sequence, and the longest per sequence
+        lengths = setting.doc_lengths()
+        doc_kwargs = {"doc_lens": torch.tensor([lengths] * setting.batch, device=device),
+                      "max_doc_lens": [max(lengths)] * setting.batch}
+    step = _train_step_fn(model, optim, ids[:, :-1], ids[:, 1:], device, doc_kwargs)
 
     def variant(name: str):
         spec = None if name == "dense" else BandSpec(name, setting.n_heads, setting.seq_len)
+        if spec is None and setting.docs:  # OLMo-core's SDPA cannot mask documents: the dense pattern
+            spec = BandSpec("dense", setting.n_heads, setting.seq_len)
 
         def run() -> None:
             set_model_attention(model, spec, args.backend)
@@ -236,7 +270,8 @@ def extrapolate(a: Setting, b: Setting, layers: int, patterns: list[str]) -> Set
     if a.layers >= b.layers:
         raise ValueError(f"extrapolation needs two depths a < b, got {a.layers} and {b.layers}")
     out = Setting(a.model, layers, a.seq_len, a.batch, a.n_heads, a.head_dim, compile=a.compile,
-                  activation_checkpointing=a.activation_checkpointing, extrapolated_from=[a.layers, b.layers])
+                  activation_checkpointing=a.activation_checkpointing, extrapolated_from=[a.layers, b.layers],
+                  docs=a.docs)
     out.errors = {**a.errors, **b.errors}
     tokens = a.batch * a.seq_len
     for name in ["dense", *patterns]:
@@ -263,11 +298,13 @@ def _bounds(setting: Setting, patterns: list[str]) -> None:
     s = min(dense_attn / dense_step, 1.0)
     setting.attention_share = s
     T = setting.seq_len
-    causal = T * (T + 1) / 2
+    lengths = setting.doc_lengths()
+    causal = sum(n * (n + 1) / 2 for n in lengths)  # pairs within each document
     for p in patterns:
         if p in setting.attn_ms:
             setting.amdahl_bound[p] = 1 / (1 - s + s * setting.attn_ms[p] / dense_attn)
-        frac = sum(BandSpec(p, setting.n_heads, T).covered_pairs(T)) / (setting.n_heads * causal)
+        spec = BandSpec(p, setting.n_heads, T)
+        frac = sum(sum(spec.covered_pairs(n)) for n in lengths) / (setting.n_heads * causal)
         setting.ideal_bound[p] = 1 / (1 - s + s * frac)
 
 
@@ -311,7 +348,9 @@ def to_markdown(data: dict) -> str:
         "",
         f"Command: `{data['command']}`; backend `{data['backend']}`, MoE `{data['moe']}`, "
         f"bf16 autocast, fused AdamW; medians of {data['rounds']} interleaved rounds x {data['steps']} steps. "
-        "Rows marked `L (a,b)` are extrapolated to L layers from the rows measured at a and b layers.",
+        "Rows marked `L (a,b)` are extrapolated to L layers from the rows measured at a and b layers; "
+        "`T (N docs)`: N packed documents per sequence, masked (dense within documents: this package's "
+        "dense pattern).",
         "",
         "| model | layers | seq | batch | compile | AC | attention | step ms | tokens/s | speedup | attn share (dense) "
         "| Amdahl bound (measured kernels) | bound (ideal work) |",
@@ -321,8 +360,9 @@ def to_markdown(data: dict) -> str:
         extra = s.get("extrapolated_from") or []
         layers = f"{s['layers']} ({','.join(map(str, extra))})" if extra else str(s["layers"])
         for name in ["dense", *data["patterns"]]:
+            seq = f"{s['seq_len']} ({s['docs']} docs)" if s.get("docs") else str(s["seq_len"])
             lines.append(
-                f"| {s['model']} | {layers} | {s['seq_len']} | {s['batch']} | "
+                f"| {s['model']} | {layers} | {seq} | {s['batch']} | "
                 f"{'yes' if s.get('compile') else 'no'} | {s.get('activation_checkpointing', 'none')} | {name} | "
                 f"{fmt(s['step_ms'].get(name), '.1f')} | {fmt(s['tokens_per_s'].get(name), ',.0f')} | "
                 f"{fmt(s['speedup'].get(name), '.2f') if name != 'dense' else '1.00'} | "
@@ -349,6 +389,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch", "steps", "rounds"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.docs < 0:
+        raise ValueError(f"--docs {args.docs}: the documents per sequence, 0 (none) or more")
     if args.extrapolate_to is not None and (args.layers is None or args.extrapolate_to <= args.layers):
         raise ValueError("--extrapolate-to needs --layers smaller than it")
     plan = _plan(args, device)
@@ -373,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench train: {model} layers={depth or 'recipe'} seq={seq or 'recipe'} batch={batch} "
                   f"compile={args.compile} ac={ac} ...", flush=True)
             s = Setting(model, depth or None, seq or None, batch, compile=args.compile,  # type: ignore[arg-type]
-                        activation_checkpointing=ac)
+                        activation_checkpointing=ac, docs=args.docs)
             s = bench_setting(s, patterns, args, device)
             measured.append(s)
             data["settings"].append(asdict(s))
@@ -415,7 +457,8 @@ def _write(data: dict, out_dir: Path) -> None:
 
 
 def _summary_line(s: Setting) -> str:
-    parts = [f"{s.model} L={s.layers} T={s.seq_len} B={s.batch}:"]
+    docs = f" docs={s.docs}" if s.docs else ""
+    parts = [f"{s.model} L={s.layers} T={s.seq_len} B={s.batch}{docs}:"]
     for name, tps in s.tokens_per_s.items():
         extra = f" x{s.speedup[name]:.2f} (bound {s.amdahl_bound.get(name, float('nan')):.2f})" if name in s.speedup else ""
         parts.append(f"{name} {tps:,.0f} tok/s{extra}")
@@ -429,9 +472,10 @@ def _summary_line(s: Setting) -> str:
 def _argv_echo(args: argparse.Namespace) -> list[str]:
     out = []
     keys = ("model", "layers", "seq_len", "batch", "extrapolate_to") if args.preset is None else ("preset",)
-    for key in (*keys, "patterns", "backend", "moe", "steps", "rounds", "warmup", "activation_checkpointing"):
+    for key in (*keys, "patterns", "backend", "moe", "steps", "rounds", "warmup", "activation_checkpointing",
+                "docs"):
         value = getattr(args, key, None)
-        if value is not None:
+        if value is not None and not (key == "docs" and not value):
             out.append(f"--{key.replace('_', '-')} {value}")
     if getattr(args, "compile", False):
         out.append("--compile")

@@ -201,6 +201,15 @@ def sequence_geometry(z: Int32, cu_seqlens: cute.Tensor, tq: Int32, tk: Int32, q
     return b, start, tq, tk, q_off, stat_block, table
 
 
+def sequence_rows(tensor: cute.Tensor, h: Int32, b: Int32, start: Int32, varlen: bool) -> cute.Tensor:
+    """``(T, D)`` rows of ``tensor (T, D, H, B)`` for head ``h`` of batch row ``b``, or with ``varlen``
+    the rows from a packed document's first row ``start`` on."""
+    rows = tensor[None, None, h, b]
+    if varlen:
+        rows = cute.domain_offset((start, 0), rows)
+    return rows
+
+
 @cute.jit
 def store_rows(src: cute.Tensor | None, dst: cute.Tensor, n_rows: Int32, tidx: Int32, n_threads: cutlass.Constexpr[int]):
     """Rows ``0 .. n_rows - 1`` of the shared-memory tile ``src (R, C)`` (zeros when ``src`` is ``None``)
@@ -401,10 +410,7 @@ class BandBackwardSm90:
 
     def _rows(self, tensor: cute.Tensor, geometry) -> cute.Tensor:
         """``(T, D)`` rows of ``tensor (T, D, H, B)`` for this CTA's head and batch row, or document."""
-        rows = tensor[None, None, geometry.h, geometry.b]
-        if self.varlen:
-            rows = cute.domain_offset((geometry.start, 0), rows)
-        return rows
+        return sequence_rows(tensor, geometry.h, geometry.b, geometry.start, self.varlen)
 
     @cute.jit
     def load(self, mQ, mdO, mK, mV, mLSE, mDelta, sQ, sdO, sK, sV, sLSE, sDelta, atom_q, atom_do, atom_k,
@@ -689,17 +695,14 @@ class DqFromAccumulator:
             to_smem(acc, dst_idx=None)
             cute.arch.fence_view_async_shared()
             cute.arch.barrier()
-            rows = mdQ[None, None, h, b]
-            raw_rows = gmem_dQ[None, None, h, b]
             whole_block = Boolean(True)
             if cutlass.const_expr(self.varlen):
-                rows = cute.domain_offset((start, 0), rows)
-                raw_rows = cute.domain_offset((start, 0), raw_rows)
                 whole_block = m * tm + tm <= tq
                 if m * tm + tm > tq:
+                    raw_rows = sequence_rows(gmem_dQ, h, b, start, self.varlen)
                     store_rows(sdQ, cute.local_tile(raw_rows, (tm, d), (m, 0)), tq - m * tm, tidx, 256)
             if (cute.arch.make_warp_uniform(cute.arch.warp_idx()) == 0) & whole_block:
-                gdQ = cute.local_tile(rows, (tm, d), (m, 0))
+                gdQ = cute.local_tile(sequence_rows(mdQ, h, b, start, self.varlen), (tm, d), (m, 0))
                 store, _, _ = copy_utils.tma_get_copy_fn(atom, 0, cute.make_layout(1), sdQ, gdQ, single_stage=True)
                 store()
                 cute.arch.cp_async_bulk_commit_group()

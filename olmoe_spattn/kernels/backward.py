@@ -37,6 +37,33 @@ from .common import (
 
 
 @triton.jit
+def row_delta(
+    Out, DO, DLse, b, h, seq_start, offs_m, tq,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """``(delta, l_off)``: ``delta = rowsum(dO * O) - dlse`` (fp32, 0 past ``tq``) of rows ``offs_m``
+    (from ``seq_start``) of head ``h``, and those rows' offsets in ``[B, H, Tq]`` statistics."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < tq
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b = b.to(tl.int64)
+    rows = (seq_start + offs_m).to(tl.int64)[:, None]
+    o = tl.load(Out + b * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_off = b * stride_lb + h * stride_lh + seq_start + offs_m
+    if HAS_DLSE:
+        dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
+        delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
+    return delta, l_off
+
+
+@triton.jit
 def delta_kernel(
     Out, DO, DLse, Delta, CuSeq,
     stride_ob, stride_ot, stride_oh,
@@ -57,18 +84,10 @@ def delta_kernel(
     if m * BLOCK_M >= tq:
         return
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < tq
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = (seq_start + offs_m).to(tl.int64)[:, None]
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + seq_start + offs_m
-    if HAS_DLSE:
-        dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
-        delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
-    tl.store(Delta + l_off, delta, mask=row_ok)
+    delta, l_off = row_delta(Out, DO, DLse, b, h, seq_start, offs_m, tq,
+                             stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                             stride_lb, stride_lh, HEAD_DIM, BLOCK_D, HAS_DLSE)
+    tl.store(Delta + l_off, delta, mask=offs_m < tq)
 
 
 @triton.jit
@@ -93,33 +112,19 @@ def padded_row_stats_kernel(
     m = tl.program_id(0)
     h = tl.program_id(1)
     z = tl.program_id(2)
+    b, seq_start, tq, _tk, _q_off, _tab = sequence_geometry(z, CuSeq, CuSeq, 0, tq_arg, tq_arg, 0, IS_VARLEN)
     if IS_VARLEN:
-        b = (z * 0).to(tl.int64)
-        start = tl.load(CuSeq + z)
-        tq = tl.load(CuSeq + z + 1) - start
-        pad_start = (start + BLOCK_M * z) // BLOCK_M * BLOCK_M
+        pad_start = (seq_start + BLOCK_M * z) // BLOCK_M * BLOCK_M
     else:
-        b = z.to(tl.int64)
-        start = z * 0
-        tq = tq_arg
         pad_start = z * 0
     if m * BLOCK_M < tq:  # a shorter document has fewer blocks than the grid (batch rows: always true)
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < tq
-        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        rows = (start + offs_m).to(tl.int64)[:, None]
-        o = tl.load(Out + b * stride_ob + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask,
-                     other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        l_off = b * stride_lb + h * stride_lh + start + offs_m
-        if HAS_DLSE:
-            dlse = tl.load(DLse + l_off, mask=row_ok, other=0.0)
-            delta -= tl.where(tl.abs(dlse) < float("inf"), dlse, 0.0)
-        lse = tl.load(Lse + l_off, mask=row_ok, other=float("-inf"))
+        delta, l_off = row_delta(Out, DO, DLse, b, h, seq_start, offs_m, tq,
+                                 stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                                 stride_lb, stride_lh, HEAD_DIM, BLOCK_D, HAS_DLSE)
+        lse = tl.load(Lse + l_off, mask=offs_m < tq, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        p_off = (b * tl.num_programs(1) + h) * t_pad + pad_start + offs_m
+        p_off = (b.to(tl.int64) * tl.num_programs(1) + h) * t_pad + pad_start + offs_m
         tl.store(Lse2 + p_off, lse2)
         tl.store(Delta + p_off, delta)
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..bands import PATTERNS
+from .features import overridden
 from .kernel import parse_shapes
 from .table2 import name_list
 
@@ -66,15 +66,8 @@ def _with_schedule(schedule: str, fn: Callable[[], object]) -> Callable[[], obje
     """``fn`` run with ``OLMOE_SPATTN_BWD=schedule`` (restored afterwards)."""
 
     def call():
-        before = os.environ.get("OLMOE_SPATTN_BWD")
-        os.environ["OLMOE_SPATTN_BWD"] = schedule
-        try:
+        with overridden({"OLMOE_SPATTN_BWD": schedule}):
             return fn()
-        finally:
-            if before is None:
-                os.environ.pop("OLMOE_SPATTN_BWD", None)
-            else:
-                os.environ["OLMOE_SPATTN_BWD"] = before
 
     return call
 

@@ -62,6 +62,15 @@ def document_lengths(t: int, n: int) -> list[int]:
     return lengths
 
 
+def packed_rows(b: int, t: int, n: int, device) -> tuple:
+    """``(cu_seqlens, max_seqlen)`` of ``b`` rows of ``t`` tokens, each holding the ``n`` documents of
+    :func:`document_lengths`, packed into one row of ``b * t`` tokens (int32 ``[b * n + 1]``)."""
+    import torch
+
+    lengths = document_lengths(t, n) * b
+    return torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32), max(lengths)
+
+
 def _with_schedule(schedule: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with ``OLMOE_SPATTN_BWD=schedule`` (restored afterwards)."""
 
@@ -95,9 +104,8 @@ def bench_case(shape, pattern: str, schedules: list[str], args, device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     cu, max_seqlen = None, t
     if args.docs:
-        lengths = document_lengths(t, args.docs) * b
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
-        b, t, max_seqlen = 1, b * t, max(lengths)
+        cu, max_seqlen = packed_rows(b, t, args.docs, device)
+        b, t = 1, b * t
     q, k, v, do = (torch.randn(b, t, h, d, device=device, generator=gen).to(dtype) for _ in range(4))
     spec = BandSpec(pattern, h, shape[2])
     p = Problem(q, k, spec, head_offset=0, q_offset=0, cu_seqlens=cu, max_seqlen=max_seqlen, scale=d ** -0.5)

@@ -38,7 +38,6 @@ Results go to benchmarks/results/<gpu>/train_bench.{json,md}.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -165,9 +164,10 @@ def _attention_core_fns(setting: Setting, patterns: list[str], backend: str, dev
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     packed = {}
     if setting.docs:  # one packed row of B x T tokens, as OLMo-core hands documents to attention
-        lengths = setting.doc_lengths() * B
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
-        packed = {"cu_seqlens": cu, "max_seqlen": max(lengths)}
+        from .backward import packed_rows
+
+        cu, max_seqlen = packed_rows(B, T, setting.docs, device)
+        packed = {"cu_seqlens": cu, "max_seqlen": max_seqlen}
         B, T = 1, B * T
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, T, H, D, device=device, dtype=dtype)

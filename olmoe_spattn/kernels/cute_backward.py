@@ -55,9 +55,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 from quack import copy_utils, layout_utils, sm90_utils
 
-from .cute_launch import ROW_BLOCK, padded_start
+from .cute_launch import HEAD_DIM, ROW_BLOCK, padded_start
 
-HEAD_DIM = 128
 TILE_M = ROW_BLOCK  # queries per step
 TILE_N = 128  # keys per CTA
 STAGES = 2  # depth of the Q and dO rings

@@ -167,11 +167,14 @@ def test_run_backward_cute_launches_only_heads_with_work(monkeypatch):
 
 
 @pytest.mark.parametrize(("n_heads", "per_head", "io", "want"), [
-    (16, 32 << 20, 2 << 30, [(0, 4), (4, 8), (8, 12), (12, 16)]),  # 65536 x 128 fp32 per head: 1/16 of io
+    (16, 32 << 20, 2 << 30, [(0, 4), (4, 8), (8, 12), (12, 16)]),  # 1,16,65536,128: 512 MiB, kept to 1/16 of io
+    (16, 16 << 20, 1 << 30, [(0, 16)]),  # 8,16,4096,128: 256 MiB in all, one launch
+    (16, 17 << 20, 1 << 30, [(h, min(h + 3, 16)) for h in range(0, 16, 3)]),  # just past 256 MiB: 64 MiB groups
     (16, 1 << 20, 2 << 30, [(0, 16)]),  # small accumulators: one launch
-    (6, 20 << 20, 100 << 20, [(0, 3), (3, 6)]),  # 64 MiB floor: 3 heads per group
+    (6, 100 << 20, 100 << 20, [(h, h + 1) for h in range(6)]),  # past 256 MiB, 6.25 MiB budget: one head each
     (7, 1 << 30, 1 << 20, [(h, h + 1) for h in range(7)]),  # never fewer than one head per group
-    (5, 30 << 20, 100 << 20, [(0, 2), (2, 4), (4, 5)]),
+    (5, 100 << 20, 4 << 30, [(0, 2), (2, 4), (4, 5)]),  # 500 MiB, 256 MiB budget: as even as possible
+    (4, 100 << 20, 8 << 30, [(0, 4)]),  # 400 MiB but within 1/16 of io: one launch
 ])
 def test_head_groups(n_heads, per_head, io, want):
     assert cute_launch.head_groups(n_heads, per_head, io) == want

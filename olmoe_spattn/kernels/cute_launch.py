@@ -3,10 +3,11 @@
 A call runs three launches per group of heads: :func:`.backward.padded_row_stats_kernel` (once, for
 all heads: ``lse2`` and ``delta``, padded to whole 64-row blocks), the backward kernel (``dk``, ``dv``
 and the fp32 dQ accumulator) and :class:`.cute_backward.DqFromAccumulator` (``dq``). The fp32
-accumulator holds ``Tpad * D`` floats per (batch row, head), twice ``q``'s bytes for all heads; when
-that is more than :data:`ACC_MAX_FRACTION` of the call's inputs and gradients, the heads run in
-groups whose accumulator stays under it (one buffer, reused): at ``T`` = 65536 with 16 heads, four
-groups of four, and a peak of 1.07x the call's tensors.
+accumulator holds ``Tpad * D`` floats per (batch row, head), twice ``q``'s bytes for all heads. Up to
+:data:`ACC_ALWAYS_OK_BYTES` it is allocated whole and all heads run in one launch; above that, and
+when it is more than :data:`ACC_MAX_FRACTION` of the call's inputs and gradients, the heads run in
+groups whose accumulator stays under that fraction (one buffer, reused): at ``T`` = 65536 with 16
+heads, four groups of four, and a peak of 1.07x the call's tensors.
 
 The kernels are compiled once per dtype for any shape (symbolic sizes and strides, TVM FFI calls with
 torch tensors on the current stream); the compilation takes a few seconds on first use.
@@ -31,8 +32,11 @@ HEAD_DIM = 128
 ROW_BLOCK = 64  # the kernel's query step: dq_acc, lse2 and delta are padded to whole blocks
 #: Largest fp32 dQ accumulator, as a fraction of the bytes of q, k, v, out, dout, dq, dk, dv.
 ACC_MAX_FRACTION = 1 / 16
-#: Below this many accumulator bytes the heads are never split (a few MiB cost nothing).
-ACC_ALWAYS_OK_BYTES = 64 << 20
+#: An accumulator of at most this many bytes is never split. It lives only while one call's backward
+#: runs, so its absolute size is what counts against the GPU's memory; every extra launch leaves its
+#: own last wave of programs half empty (32k tokens of 16 heads at head dim 128 take 256 MiB, and
+#: one launch instead of four groups ran their backward 1.06-1.11x faster at 8,16,4096,128).
+ACC_ALWAYS_OK_BYTES = 256 << 20
 
 
 #: The versions the kernel is written against (the ``cute`` extra): quack's helpers change between minor versions.
@@ -117,10 +121,13 @@ def compiled_kernels(dtype: torch.dtype, varlen: bool = False):
 
 
 def head_groups(n_heads: int, acc_bytes_per_head: int, io_bytes: int) -> list[tuple[int, int]]:
-    """``[(h0, h1), ...]``: consecutive head ranges whose fp32 accumulator fits the budget
-    (:data:`ACC_MAX_FRACTION` of ``io_bytes``, at least :data:`ACC_ALWAYS_OK_BYTES`), as even as
-    possible; all heads at once when they fit."""
-    budget = max(io_bytes * ACC_MAX_FRACTION, ACC_ALWAYS_OK_BYTES)
+    """``[(h0, h1), ...]``: consecutive head ranges that run one launch each. All heads at once when
+    their whole accumulator is at most :data:`ACC_ALWAYS_OK_BYTES` or within :data:`ACC_MAX_FRACTION`
+    of ``io_bytes``; otherwise the fewest groups, as even as possible, whose accumulator stays within
+    that fraction (at least one head per group)."""
+    budget = io_bytes * ACC_MAX_FRACTION
+    if n_heads * acc_bytes_per_head <= max(budget, ACC_ALWAYS_OK_BYTES):
+        return [(0, n_heads)]
     per_group = max(1, min(n_heads, int(budget // max(acc_bytes_per_head, 1))))
     n_groups = math.ceil(n_heads / per_group)
     size = math.ceil(n_heads / n_groups)

@@ -20,7 +20,8 @@ def test_bench_kernel_help_lists_options():
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    for option in ("--shapes", "--patterns", "--backends", "--quick", "--no-fa4", "--out-dir", "--cuda-graphs"):
+    for option in ("--shapes", "--patterns", "--backends", "--quick", "--no-fa4", "--out-dir", "--cuda-graphs",
+                   "--no-autograd-threads"):
         assert option in proc.stdout
 
 
@@ -255,3 +256,27 @@ def test_written_sweep_tables_say_what_they_were_measured_on(monkeypatch):
     assert head[0].startswith("### bench sweep: ") and "UTC" in head[0]
     assert head[2] == "`olmoe-spattn bench sweep --features none;tma_dq`  "  # no output path
     assert "torch " in head[3] and "triton " in head[3]
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_no_autograd_threads_times_every_backward_on_the_calling_thread(tmp_path, monkeypatch, threads):
+    import torch
+
+    seen = []
+    real = measure.run_shape
+
+    def recording(*args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "run_shape", recording)
+    argv = ["bench", "kernel", "--device", "cpu", "--quick", "--backends", "torch", "--shapes", "1,2,32,16",
+            "--patterns", "spattention", "--out-dir", str(tmp_path), "--warmup", "1", "--iters", "1",
+            "--rounds", "1", "--no-plot"]
+    assert main(argv + ([] if threads else ["--no-autograd-threads"])) == 0
+    assert seen == [threads]
+    assert torch._C._is_multithreading_enabled()  # the process's setting is restored afterwards
+    data = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert data["settings"]["autograd_threads"] is threads
+    header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
+    assert ("every backward on the calling thread" in header) is (not threads)

@@ -44,6 +44,7 @@ class Settings:
     seed: int = 0
     min_round_ms: float = 0.0
     cuda_graphs: bool = False
+    autograd_threads: bool = True
 
 
 def _fwd_bwd(fn: AttnFn, q, k, v, dout) -> Callable[[], object]:

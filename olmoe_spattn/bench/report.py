@@ -175,7 +175,8 @@ def to_markdown(data: dict) -> str:
         f"torch {data['torch']}, triton {data.get('triton') or '-'}, flash-attn-4 {data.get('fa4') or '-'}, "
         f"dtype {s['dtype']}, medians of {s['rounds']} interleaved rounds x >= {s['iters']} calls "
         f"(>= {s.get('min_round_ms', 0):g} ms per round; on CUDA triton.testing.do_bench, L2 cleared "
-        f"before each call{'; each call a CUDA graph replay' if s.get('cuda_graphs') else ''}); "
+        f"before each call{'; each call a CUDA graph replay' if s.get('cuda_graphs') else ''}"
+        f"{'; every backward on the calling thread' if not s.get('autograd_threads', True) else ''}); "
         f"partition length N = {s['partition_len']}.",
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
         f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = {PEAK_TEXT[data.get('peak_memory', PEAK_ALL_LIVE)]}; "

@@ -109,3 +109,25 @@ def test_row_major_output_stores_where_measured_faster():
             assert autotune.row_major_store(kind, 64, extent) == want, (kind, extent)
             p = SimpleNamespace(head_dim=64, block_d=64, extent=extent, is_varlen=False)
             assert _sm90_constexprs(kind, p, LaunchConfig(64, 64, 4, 2))["ROW_MAJOR_STORE"] == want, (kind, extent)
+
+
+def test_device_capability_is_asked_once_per_device_and_query(monkeypatch):
+    import torch
+
+    asked = []
+
+    def query(device=None, answer=(9, 0)):
+        asked.append(device)
+        return answer
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    for _ in range(3):
+        assert autotune.device_capability(torch.device("cuda", 5)) == (9, 0)
+    assert autotune.device_capability(torch.device("cuda", 6)) == (9, 0)
+    assert asked == [5, 6]  # once per device index
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert autotune.device_capability(torch.device("cuda", 5)) == (8, 0)  # a replaced query is asked again
+    monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    autotune.device_capability(torch.device("cuda"))
+    autotune.device_capability(torch.device("cuda"))
+    assert asked[2:] == [torch.device("cuda")] * 2  # no index (the current device): asked every time

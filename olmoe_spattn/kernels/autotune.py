@@ -16,6 +16,7 @@ configuration replaces the default only when its median is at least 3% faster.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from collections.abc import Callable
@@ -30,11 +31,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=16)
+def _capability(index: int, query: Callable[[int], tuple[int, int]]) -> tuple[int, int]:
+    return tuple(query(index))
+
+
+def device_capability(device: torch.device | None = None) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, cached for a device with an index (a tensor's):
+    the launch decisions of every call ask for it, and each query costs microseconds of host time.
+    The cache is keyed on the query function too, so a replaced one is asked again; a device without
+    an index (the current one) is asked every time."""
+    if device is None or device.index is None:
+        return tuple(torch.cuda.get_device_capability(device))
+    return _capability(device.index, torch.cuda.get_device_capability)
+
+
 def cuda_major() -> int:
     """Compute capability major of the current CUDA device (0 without one or when interpreting)."""
     if interpreting() or not torch.cuda.is_available():
         return 0
-    return torch.cuda.get_device_capability()[0]
+    return device_capability()[0]
 
 
 def autotune_enabled() -> bool:

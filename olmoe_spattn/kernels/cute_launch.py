@@ -25,6 +25,7 @@ import re
 import torch
 import triton
 
+from .autotune import device_capability
 from .backward import padded_row_stats_kernel
 from .common import Problem
 
@@ -93,7 +94,7 @@ def cute_unavailable_reason(p: Problem, *tensors: torch.Tensor) -> str | None:
     reason = cute_unsupported_reason(p, *tensors)
     if reason is not None:
         return reason
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
+    if device_capability(x.device) != (9, 0):
         return "needs an SM90 (Hopper) GPU"
     if not cute_installed():
         supported = ", ".join(f"{d} {lo[0]}.{lo[1]} to below {hi[0]}.{hi[1]}" for d, (lo, hi) in SUPPORTED.items())

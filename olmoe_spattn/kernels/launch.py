@@ -54,7 +54,7 @@ import triton
 from .autotune import (
     LaunchConfig,
     autotune_enabled,
-    cuda_major,
+    device_capability,
     fixed_config,
     interpreting,
     pick,
@@ -92,11 +92,12 @@ def auto_features(p: Problem, device: torch.device) -> frozenset[str]:
     for head dims other than 64 and 128 (not measured)."""
     if interpreting() or device.type != "cuda" or p.head_dim != p.block_d or p.block_d not in (64, 128):
         return frozenset()
-    if torch.cuda.get_device_capability(device)[0] < 9:
+    major = device_capability(device)[0]
+    if major < 9:
         return frozenset()
     # dQ kernel: descriptor loads of K and V measured 1.14-1.28x at head dim 128 (64: not measured)
     chosen = {"tma_dq"} if p.block_d == 128 else set()
-    hopper = torch.cuda.get_device_capability(device)[0] == 9  # the Gluon kernels' warpgroup MMAs
+    hopper = major == 9  # the Gluon kernels' warpgroup MMAs
     wide = p.extent > AUTO_FLAT_MAX_EXTENT
     # Gluon forward: 1.35-1.7x the Triton forward on wide bands, ahead of tma+flat at head dim 128 on
     # narrow ones; at head dim 64 narrow bands tie or favour tma+flat
@@ -237,7 +238,8 @@ def sm90_ok(p: Problem, *tensors: torch.Tensor) -> bool:
     not exist elsewhere), bf16/fp16, head dim 64 or 128, tensors a descriptor can read."""
     x = tensors[0]
     return (
-        not interpreting() and x.is_cuda and cuda_major() == 9 and x.dtype in (torch.bfloat16, torch.float16)
+        not interpreting() and x.is_cuda and device_capability(x.device)[0] == 9
+        and x.dtype in (torch.bfloat16, torch.float16)
         and p.head_dim in (64, 128) and all(tma_ok(t, p.head_dim, p.block_d) for t in tensors)
     )
 

@@ -280,3 +280,26 @@ def test_no_autograd_threads_times_every_backward_on_the_calling_thread(tmp_path
     assert data["settings"]["autograd_threads"] is threads
     header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
     assert ("every backward on the calling thread" in header) is (not threads)
+
+
+def test_bench_overhead_times_the_backward_on_the_calling_thread_when_asked():
+    import torch
+
+    from olmoe_spattn.bench.modes import on_calling_thread
+
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch._C._is_multithreading_enabled())
+            return g
+
+    step = on_calling_thread(lambda: Spy.apply(x).sum().backward())
+    assert step() is None and seen == [False]
+    assert torch._C._is_multithreading_enabled()  # restored after the call

@@ -7,7 +7,8 @@
             (``OLMOE_SPATTN_TRITON_FEATURES``) side by side (``features.py``)
   decode    one decode step (one query against a KV cache of Tk keys) vs SDPA's dense decode
   overhead  where a small shape's forward+backward time goes: the autograd floor, the raw
-            launches and the full path, host (enqueue) time next to GPU time
+            launches and the full path (also with every backward on the calling thread instead
+            of the autograd engine's device thread), host (enqueue) time next to GPU time
 
 Times are ``triton.testing.do_bench`` medians (L2 cache cleared before each call), printed
 as Markdown tables (also written to --out when given).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..bands import PATTERNS
@@ -153,6 +155,19 @@ def decode(patterns: list[str], rep_ms: float) -> list[str]:
     return lines
 
 
+def on_calling_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with every backward it runs on the calling thread
+    (``torch.autograd.set_multithreading_enabled(False)``) instead of the autograd engine's device
+    thread; the process's setting is restored after each call."""
+    import torch
+
+    def call():
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn()
+
+    return call
+
+
 def overhead(rep_ms: float) -> list[str]:
     """Host time per call (enqueue only) and do_bench ms of the layers of one small call."""
     import torch
@@ -197,6 +212,10 @@ def overhead(rep_ms: float) -> list[str]:
         "ours no_grad fwd": lambda: triton_band_attention(qd, kd, vd, spec),
         "ours fwd+bwd (autograd)": _fwd_bwd(lambda a, b_, c: triton_band_attention(a, b_, c, spec), q, k, v, g),
     }
+    cases["autograd.Function identity fwd+bwd, backward on the calling thread"] = on_calling_thread(
+        cases["autograd.Function identity fwd+bwd"])
+    cases["ours fwd+bwd (autograd), backward on the calling thread"] = on_calling_thread(
+        cases["ours fwd+bwd (autograd)"])
     cases["ours fwd+bwd, CUDA graph replay"] = graph_replay(cases["ours fwd+bwd (autograd)"], q.device)
     lines = [f"B,H,T,D = {b},{h},{t},{d}, exclusive_bands", "",
              "| case | host us/call (enqueue only) | do_bench ms |", "|---|---:|---:|"]

@@ -25,6 +25,7 @@ import re
 import torch
 import triton
 
+from . import direct_launch
 from .autotune import device_capability
 from .backward import padded_row_stats_kernel
 from .common import Problem
@@ -183,6 +184,14 @@ def padded_rows(p: Problem) -> int:
     return triton.cdiv(p.tq, ROW_BLOCK) * ROW_BLOCK
 
 
+def heads_of(x: torch.Tensor, dim: int, lo: int, hi: int) -> torch.Tensor:
+    """Heads ``lo:hi`` of ``x`` along ``dim``: ``x`` itself when that is all of them (a view costs a few
+    microseconds of host time, and a call with one group of all heads would take a dozen)."""
+    if lo == 0 and hi == x.shape[dim]:
+        return x
+    return x.narrow(dim, lo, hi - lo)
+
+
 def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, p: Problem, dlse: torch.Tensor | None = None):
     """``(dq, dk, dv)`` of one call that :func:`cute_backward_ok` accepted (``tq, tk > 0``), or
@@ -203,17 +212,17 @@ def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
             grad[:, :, last:].zero_()
         if first == last:
             return dq, dk, dv
-    work = slice(first, last)
     b, tq, _, d = q.shape
     h = last - first
     t_pad = padded_rows(p)
     lse2 = torch.empty(b, h, t_pad, device=q.device, dtype=torch.float32)
     delta = torch.empty_like(lse2)
-    lse_w = lse.contiguous()[:, work]
+    lse_w = heads_of(lse.contiguous(), 1, first, last)
+    dlse_w = lse_w if dlse is None else heads_of(dlse.to(torch.float32).contiguous(), 1, first, last)
     blocks = triton.cdiv(p.max_tq, ROW_BLOCK)  # per batch row, or per document (the longest)
-    padded_row_stats_kernel[(blocks, h, p.z)](
-        out[:, :, work], do[:, :, work], lse_w, lse_w if dlse is None else dlse.to(torch.float32).contiguous()[:, work],
-        lse2, delta, p.cu,
+    direct_launch.launch(
+        padded_row_stats_kernel, (blocks, h, p.z),
+        heads_of(out, 2, first, last), heads_of(do, 2, first, last), lse_w, dlse_w, lse2, delta, p.cu,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         lse_w.stride(0), lse_w.stride(1),
@@ -226,11 +235,11 @@ def run_backward_cute(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     groups = head_groups(h, b * t_pad * d * 4, io_bytes)
     acc = torch.empty(b, groups[0][1] - groups[0][0], t_pad * d, device=q.device, dtype=torch.float32)
     for h0, h1 in groups:
-        acc_h = acc[:, : h1 - h0]
+        acc_h = heads_of(acc, 1, 0, h1 - h0)
         acc_h.zero_()
-        heads = slice(first + h0, first + h1)
-        backward(q[:, :, heads], k[:, :, heads], v[:, :, heads], do[:, :, heads], lse2[:, h0:h1], delta[:, h0:h1],
-                 acc_h, dk[:, :, heads], dv[:, :, heads], bands[:, heads], p.cu, p.scale, p.q_offset, per_doc,
-                 p.max_tk)
-        finish(acc_h, dq[:, :, heads], p.cu, p.scale, p.max_tq)
+        lo, hi = first + h0, first + h1
+        backward(heads_of(q, 2, lo, hi), heads_of(k, 2, lo, hi), heads_of(v, 2, lo, hi), heads_of(do, 2, lo, hi),
+                 heads_of(lse2, 1, h0, h1), heads_of(delta, 1, h0, h1), acc_h, heads_of(dk, 2, lo, hi),
+                 heads_of(dv, 2, lo, hi), heads_of(bands, 1, lo, hi), p.cu, p.scale, p.q_offset, per_doc, p.max_tk)
+        finish(acc_h, heads_of(dq, 2, lo, hi), p.cu, p.scale, p.max_tq)
     return dq, dk, dv

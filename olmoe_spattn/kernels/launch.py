@@ -62,6 +62,7 @@ from .autotune import (
     tuning_key,
 )
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
+from . import direct_launch
 from .common import Problem
 from .cute_launch import cute_backward_ok, run_backward_cute
 from .decode import run_decode, use_decode_path
@@ -176,9 +177,8 @@ def _launch(kind: str, fn, grid_of, p: Problem, args: list, descriptors=None, **
             a = list(args)
             for i, desc in descriptors(c).items():
                 a[i] = desc
-        return fn[grid_of(c.block_m, c.block_n)](
-            *a, **constexprs, **c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages
-        )
+        direct_launch.launch(fn, grid_of(c.block_m, c.block_n), *a, **constexprs, **c.kwargs(),
+                             num_warps=c.num_warps, num_stages=c.num_stages)
 
     if autotune_enabled():
         key = (args[0].dtype, p.block_d, p.is_varlen, p.group > 1, args[-1], _work_bucket(p),
@@ -290,8 +290,8 @@ def _run_forward_gluon(kind: str, kernel, rows_per_block: int, q: torch.Tensor, 
 
     def run(c: LaunchConfig):
         grid = (triton.cdiv(p.max_tq, rows_per_block * c.block_m), p.n_heads, p.z)
-        return kernel[grid](
-            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+        direct_launch.launch(
+            kernel, grid, sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
             out, lse, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
             *_sm90_tail(p, lse), **_sm90_constexprs(kind, p, c), **launch_options,
@@ -323,8 +323,8 @@ def run_dq_sm90(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
 
     def run(c: LaunchConfig):
         grid = (triton.cdiv(p.max_tq, c.block_m), p.n_heads, p.z)
-        return dq_kernel_sm90[grid](
-            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+        direct_launch.launch(
+            dq_kernel_sm90, grid, sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
             sm90_descriptor(do, c.block_m), out, dq, lse, lse if dlse is None else dlse, delta, p.table, p.cu,
             out.stride(0), out.stride(1), out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -340,8 +340,8 @@ def run_dkdv_sm90(do, q, k, v, lse, delta, dk, dv, p: Problem) -> None:
 
     def run(c: LaunchConfig):
         grid = (triton.cdiv(p.max_tk, c.block_n), p.n_kv_heads, p.z)
-        return dkdv_kernel_sm90[grid](
-            sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
+        direct_launch.launch(
+            dkdv_kernel_sm90, grid, sm90_descriptor(q, c.block_m), sm90_descriptor(k, c.block_n), sm90_descriptor(v, c.block_n),
             sm90_descriptor(do, c.block_m), dk, dv, lse, delta, p.table, p.cu,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
@@ -392,8 +392,8 @@ def run_dq(do, q, k, v, out, lse, dlse, delta, dq, p: Problem) -> None:
 def run_delta(do, out, lse, dlse, delta, p: Problem) -> None:
     """``delta = rowsum(dO * O) - dlse`` into ``delta [B, H, Tq]`` (one-pass backward)."""
     block_m = 16 if interpreting() else 64
-    delta_kernel[(triton.cdiv(p.max_tq, block_m), p.n_heads, p.z)](
-        out, do, lse if dlse is None else dlse, delta, p.cu,
+    direct_launch.launch(
+        delta_kernel, (triton.cdiv(p.max_tq, block_m), p.n_heads, p.z), out, do, lse if dlse is None else dlse, delta, p.cu,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1),

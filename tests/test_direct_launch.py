@@ -1,0 +1,182 @@
+"""The direct relaunch of compiled kernels (``kernels/direct_launch.py``), on the CPU.
+
+A fake JIT function stands in for a Triton kernel: it records whether a launch went through
+Triton's path (binding, specialization, cache lookup) or straight to the compiled kernel, and with
+which arguments. The GPU test ``tests/gpu/test_direct_launch_gpu.py`` runs the real kernels both
+ways and compares their outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from olmoe_spattn.kernels import direct_launch
+
+
+class FakeCompiled:
+    """A compiled kernel: ``kernel[grid](*args, stream=...)`` is its launcher."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def run(self, *args):  # present on Triton's compiled kernels; not called here
+        raise AssertionError("launches go through kernel[grid]")
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            self.log.append(("direct", grid, args, stream))
+
+        return runner
+
+
+class FakeJit:
+    """A JIT kernel over ``fn``: ``kernel[grid](*args, **kwargs)`` is Triton's path."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.log: list = []
+        self.compiled = FakeCompiled(self.log)
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return self.compiled
+
+        return call
+
+
+def kernel_fn(x_ptr, n, scale, BLOCK: int = 16, FLAG: bool = False, MODE: int = 3):  # noqa: N803 - Triton style
+    """The fake kernel's signature: three runtime arguments, then constexprs with defaults."""
+
+
+class FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234 + device
+
+
+@pytest.fixture
+def on_gpu_path(monkeypatch):
+    """The launcher as on a GPU: not interpreting, enabled, an empty cache, a fake driver."""
+    monkeypatch.setattr(direct_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
+    monkeypatch.setattr(direct_launch, "_driver", FakeDriver)
+    monkeypatch.setattr(direct_launch, "_COMPILED", {})
+
+
+def _kinds(log):
+    return [entry[0] for entry in log]
+
+
+def test_a_repeat_call_goes_straight_to_the_compiled_kernel(on_gpu_path):
+    jit = FakeJit(kernel_fn)
+    x = torch.zeros(64, dtype=torch.float16)
+    for _ in range(3):
+        direct_launch.launch(jit, (4, 2, 1), x, 100, 0.5, MODE=7, BLOCK=32, num_warps=4)
+    assert _kinds(jit.log) == ["triton", "direct", "direct"]
+    _, grid, args, stream = jit.log[1]
+    # positional arguments, then every later parameter in signature order: kwargs, else defaults;
+    # launch options (num_warps) are not parameters
+    assert grid == (4, 2, 1) and stream == 1234
+    assert args[:3] == (x, 100, 0.5) and args[3:] == (32, False, 7)
+    assert jit.log[0][3] == {"MODE": 7, "BLOCK": 32, "num_warps": 4}
+
+
+def test_a_call_that_specializes_differently_takes_tritons_path(on_gpu_path):
+    jit = FakeJit(kernel_fn)
+    x = torch.zeros(64, dtype=torch.float16)
+    base = ((x, 100, 0.5), {"BLOCK": 32})
+    changed = [
+        ((x, 101, 0.5), {"BLOCK": 32}),  # an integer's value
+        ((x, True, 0.5), {"BLOCK": 32}),  # a bool where an int was
+        ((x[1:], 100, 0.5), {"BLOCK": 32}),  # data not 16-byte aligned
+        ((x.float(), 100, 0.5), {"BLOCK": 32}),  # dtype
+        ((x, 100, 0.5), {"BLOCK": 64}),  # a constexpr
+        ((x, 100, 0.5), {"BLOCK": 32, "num_warps": 8}),  # a launch option
+    ]
+    for args, kwargs in [base, *changed]:
+        direct_launch.launch(jit, (1,), *args, **kwargs)
+    direct_launch.launch(jit, (2,), *base[0], **base[1])  # another grid
+    assert _kinds(jit.log) == ["triton"] * 8
+    direct_launch.launch(jit, (1,), x, 100, 0.75, BLOCK=32)  # floats are not specialized
+    assert _kinds(jit.log)[-1] == "direct"
+    y = torch.ones(64, dtype=torch.float16)  # another aligned tensor of the same dtype
+    direct_launch.launch(jit, (1,), y, 100, 0.5, BLOCK=32)
+    assert jit.log[-1][0] == "direct" and jit.log[-1][2][0] is y
+
+
+def test_descriptors_are_keyed_by_their_geometry(on_gpu_path):
+    jit = FakeJit(kernel_fn)
+    x = torch.zeros(64, 64, dtype=torch.float16)
+    z = torch.zeros(64, 64, dtype=torch.float16)
+    for desc in (TensorDescriptor(x, [64, 64], [64, 1], [16, 16]), TensorDescriptor(x, [64, 64], [64, 1], [32, 16]),
+                 TensorDescriptor(x, [32, 64], [64, 1], [16, 16]), TensorDescriptor(z, [64, 64], [64, 1], [16, 16])):
+        direct_launch.launch(jit, (1,), desc, 1, 0.5)
+    assert _kinds(jit.log) == ["triton", "triton", "triton", "direct"]
+
+
+def test_unknown_arguments_and_the_interpreter_take_tritons_path(on_gpu_path, monkeypatch):
+    jit = FakeJit(kernel_fn)
+    for _ in range(2):
+        direct_launch.launch(jit, (1,), [1, 2], 100, 0.5)  # a list: no fingerprint
+    assert _kinds(jit.log) == ["triton", "triton"]
+    x = torch.zeros(64)
+    monkeypatch.setattr(direct_launch, "interpreting", lambda: True)
+    for _ in range(2):
+        direct_launch.launch(jit, (1,), x, 100, 0.5)
+    monkeypatch.setattr(direct_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(direct_launch, "ENABLED", False)
+    for _ in range(2):
+        direct_launch.launch(jit, (1,), x, 100, 0.5)
+    assert _kinds(jit.log) == ["triton"] * 6
+    assert direct_launch._COMPILED == {}
+
+
+def test_a_parameter_without_value_or_default_is_not_cached(on_gpu_path):
+    def needs_all(x_ptr, n, BLOCK):  # noqa: N803
+        pass
+
+    jit = FakeJit(needs_all)
+    x = torch.zeros(64)
+    for _ in range(2):
+        direct_launch.launch(jit, (1,), x, 3)  # BLOCK missing: Triton's path reports it
+    assert _kinds(jit.log) == ["triton", "triton"]
+
+
+def test_the_cache_is_cleared_when_full(on_gpu_path, monkeypatch):
+    monkeypatch.setattr(direct_launch, "MAX_ENTRIES", 3)
+    jit = FakeJit(kernel_fn)
+    x = torch.zeros(64)
+    for n in range(5):
+        direct_launch.launch(jit, (1,), x, n, 0.5)
+    assert len(direct_launch._COMPILED) == 2  # cleared at the fourth, then two entries
+    direct_launch.launch(jit, (1,), x, 4, 0.5)
+    assert jit.log[-1][0] == "direct"
+
+
+def _specialization(arg):
+    return native_specialize_impl(BaseBackend, arg, False, True, True)
+
+
+def test_equal_fingerprints_mean_equal_triton_specializations():
+    """Every pair of arguments with the same fingerprint specializes the same in Triton (so one
+    compiled kernel serves both); different specializations never share a fingerprint."""
+    buf = torch.zeros(4096, dtype=torch.float16)
+    tensors = [buf[i:] for i in (0, 1, 8, 16)] + [buf.float()[i:] for i in (0, 4)] + [buf.to(torch.bfloat16)]
+    descs = [TensorDescriptor(buf.view(64, 64), [64, 64], [64, 1], [b, 16]) for b in (16, 32)]
+    descs += [TensorDescriptor(buf.float().view(64, 64), [64, 64], [64, 1], [16, 16])]
+    ints = [0, 1, 2, 15, 16, 17, 32, 2**31 - 1, 2**31, 2**32, -1, -16]
+    args = [*ints, True, False, 0.5, 2.0, None, *tensors, *descs]
+    for a, b in itertools.combinations(args, 2):
+        if direct_launch.fingerprint(a) == direct_launch.fingerprint(b):
+            assert _specialization(a) == _specialization(b), (a, b)
+    for a in args:
+        assert direct_launch.fingerprint(a) is not direct_launch.UNKEYABLE

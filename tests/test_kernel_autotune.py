@@ -69,6 +69,7 @@ def test_a_candidate_out_of_shared_memory_is_dropped(fake_timer):
 def test_hopper_takes_the_deeper_backward_pipelines_for_wide_bands(monkeypatch):
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
     monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(autotune.torch.cuda, "current_device", lambda: 0)
     cases = [  # (major, extent, dq, dkdv)
         (9, 8192, (128, 64, 8, 3), (64, 128, 8, 3)),
         (9, 2049, (64, 64, 4, 2), (32, 64, 4, 3)),

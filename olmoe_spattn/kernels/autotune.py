@@ -27,7 +27,11 @@ import triton
 import triton.testing
 
 
+@functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``). Read once, as Triton
+    reads it once per kernel when the module defining the kernel is imported; every launch decision
+    asks, and an environment lookup costs about a microsecond."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -50,7 +54,7 @@ def cuda_major() -> int:
     """Compute capability major of the current CUDA device (0 without one or when interpreting)."""
     if interpreting() or not torch.cuda.is_available():
         return 0
-    return device_capability()[0]
+    return device_capability(torch.device("cuda", torch.cuda.current_device()))[0]
 
 
 def autotune_enabled() -> bool:

@@ -51,6 +51,7 @@ import os
 import torch
 import triton
 
+from . import direct_launch
 from .autotune import (
     LaunchConfig,
     autotune_enabled,
@@ -62,7 +63,6 @@ from .autotune import (
     tuning_key,
 )
 from .backward import delta_kernel, dkdv_kernel, dq_kernel
-from . import direct_launch
 from .common import Problem
 from .cute_launch import cute_backward_ok, run_backward_cute
 from .decode import run_decode, use_decode_path

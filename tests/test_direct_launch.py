@@ -8,10 +8,13 @@ ways and compares their outputs bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
+import triton.language as tl
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -40,6 +43,8 @@ class FakeJit:
 
     def __init__(self, fn):
         self.fn = fn
+        self.params = [SimpleNamespace(is_constexpr="constexpr" in str(p.annotation))
+                       for p in inspect.signature(fn).parameters.values()]
         self.log: list = []
         self.compiled = FakeCompiled(self.log)
 
@@ -51,7 +56,7 @@ class FakeJit:
         return call
 
 
-def kernel_fn(x_ptr, n, scale, BLOCK: int = 16, FLAG: bool = False, MODE: int = 3):  # noqa: N803 - Triton style
+def kernel_fn(x_ptr, n, scale, BLOCK: tl.constexpr = 16, FLAG: tl.constexpr = False, MODE: tl.constexpr = 3):  # noqa: N803
     """The fake kernel's signature: three runtime arguments, then constexprs with defaults."""
 
 
@@ -95,7 +100,9 @@ def test_a_call_that_specializes_differently_takes_tritons_path(on_gpu_path):
     x = torch.zeros(64, dtype=torch.float16)
     base = ((x, 100, 0.5), {"BLOCK": 32})
     changed = [
-        ((x, 101, 0.5), {"BLOCK": 32}),  # an integer's value
+        ((x, 112, 0.5), {"BLOCK": 32}),  # an integer now divisible by 16
+        ((x, 1, 0.5), {"BLOCK": 32}),  # an integer equal to 1
+        ((x, 2**31 + 4, 0.5), {"BLOCK": 32}),  # an integer past 32 bits
         ((x, True, 0.5), {"BLOCK": 32}),  # a bool where an int was
         ((x[1:], 100, 0.5), {"BLOCK": 32}),  # data not 16-byte aligned
         ((x.float(), 100, 0.5), {"BLOCK": 32}),  # dtype
@@ -104,13 +111,35 @@ def test_a_call_that_specializes_differently_takes_tritons_path(on_gpu_path):
     ]
     for args, kwargs in [base, *changed]:
         direct_launch.launch(jit, (1,), *args, **kwargs)
-    direct_launch.launch(jit, (2,), *base[0], **base[1])  # another grid
-    assert _kinds(jit.log) == ["triton"] * 8
-    direct_launch.launch(jit, (1,), x, 100, 0.75, BLOCK=32)  # floats are not specialized
-    assert _kinds(jit.log)[-1] == "direct"
+    assert _kinds(jit.log) == ["triton"] * 9
+    direct_launch.launch(jit, (2,), x, 100, 0.75, BLOCK=32)  # another grid; floats are not specialized
+    assert jit.log[-1][:2] == ("direct", (2,))
     y = torch.ones(64, dtype=torch.float16)  # another aligned tensor of the same dtype
     direct_launch.launch(jit, (1,), y, 100, 0.5, BLOCK=32)
     assert jit.log[-1][0] == "direct" and jit.log[-1][2][0] is y
+
+
+def test_a_new_integer_of_the_same_class_goes_direct(on_gpu_path):
+    """A decode step's position or a new document length: a new value that Triton specializes the
+    same way (not 1, the same divisibility by 16, the same width) reuses the compiled kernel."""
+    jit = FakeJit(kernel_fn)
+    x = torch.zeros(64, dtype=torch.float16)
+    for n in (100, 101, 102, 103, 1000001):
+        direct_launch.launch(jit, (1,), x, n, 0.5)
+    assert _kinds(jit.log) == ["triton", "direct", "direct", "direct", "direct"]
+    assert jit.log[-1][2][1] == 1000001
+    assert len(direct_launch._COMPILED) == 2  # the first call's exact and class keys only
+
+
+def test_a_positional_constexpr_is_keyed_by_value(on_gpu_path):
+    def positional_constexpr(x_ptr, n, WIDTH: tl.constexpr, BLOCK: tl.constexpr = 16):  # noqa: N803
+        pass
+
+    jit = FakeJit(positional_constexpr)
+    x = torch.zeros(64)
+    for width in (3, 5, 5):
+        direct_launch.launch(jit, (1,), x, 7, width)
+    assert _kinds(jit.log) == ["triton", "triton", "direct"]
 
 
 def test_descriptors_are_keyed_by_their_geometry(on_gpu_path):
@@ -154,12 +183,12 @@ def test_a_parameter_without_value_or_default_is_not_cached(on_gpu_path):
 def test_the_cache_is_cleared_when_full(on_gpu_path, monkeypatch):
     monkeypatch.setattr(direct_launch, "MAX_ENTRIES", 3)
     jit = FakeJit(kernel_fn)
-    x = torch.zeros(64)
-    for n in range(5):
-        direct_launch.launch(jit, (1,), x, n, 0.5)
-    assert len(direct_launch._COMPILED) == 2  # cleared at the fourth, then two entries
-    direct_launch.launch(jit, (1,), x, 4, 0.5)
-    assert jit.log[-1][0] == "direct"
+    dtypes = (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.int32)
+    for dtype in dtypes:  # two keys per new call: full at the third and the fifth, then cleared
+        direct_launch.launch(jit, (1,), torch.zeros(64, dtype=dtype), 3, 0.5)
+    assert len(direct_launch._COMPILED) == 2
+    direct_launch.launch(jit, (1,), torch.zeros(64, dtype=torch.int32), 3, 0.5)
+    assert _kinds(jit.log) == ["triton"] * 5 + ["direct"]
 
 
 def _specialization(arg):
@@ -180,3 +209,7 @@ def test_equal_fingerprints_mean_equal_triton_specializations():
             assert _specialization(a) == _specialization(b), (a, b)
     for a in args:
         assert direct_launch.fingerprint(a) is not direct_launch.UNKEYABLE
+    more_ints = [*ints, 3, 48, 2**31 - 16, 2**40 + 1, 2**63 - 1, 2**63, 2**64 - 16, -(2**31), -(2**31) - 1]
+    for a, b in itertools.combinations(more_ints, 2):
+        if direct_launch.integer_class(a) == direct_launch.integer_class(b):
+            assert _specialization(a) == _specialization(b), (a, b)

@@ -15,6 +15,7 @@ import functools
 import torch
 import triton
 
+from . import direct_launch
 from .autotune import fixed_config, interpreting
 from .common import Problem
 from .forward import combine_kernel, fwd_kernel
@@ -56,8 +57,8 @@ def run_decode(q, k, v, out, lse, p: Problem) -> None:
         dst_o = torch.empty(p.batch, p.n_heads, n_split, p.tq, p.block_d, device=q.device, dtype=torch.float32)
         dst_l = torch.empty(p.batch, p.n_heads, n_split, p.tq, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(p.tq, cfg.block_m), p.n_heads, p.batch * n_split)
-    fwd_kernel[grid](
-        q, k, v, dst_o, dst_l, p.table, p.cu,
+    direct_launch.launch(
+        fwd_kernel, grid, q, k, v, dst_o, dst_l, p.table, p.cu,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -73,8 +74,8 @@ def run_decode(q, k, v, out, lse, p: Problem) -> None:
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if n_split > 1:
-        combine_kernel[(p.tq, p.n_heads, p.batch)](
-            dst_o, dst_l, out, lse,
+        direct_launch.launch(
+            combine_kernel, (p.tq, p.n_heads, p.batch), dst_o, dst_l, out, lse,
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             p.n_heads, p.tq, n_split,

@@ -9,11 +9,16 @@ launcher. In eager mode a short call's three launches are a large part of its ho
 :func:`launch` keeps the compiled kernel of each distinct call and, on a repeat call, hands the
 arguments straight to it (``CompiledKernel[grid](*args, stream=...)``, the launcher Triton itself
 ends in). A repeat call is one whose key (:func:`call_key`) matches: the kernel, the device, the
-grid, the keyword arguments, and for every positional argument a fingerprint at least as fine as
-Triton's specialization of it: an integer or bool by its value, a float by its type, a tensor by its
-dtype and whether its data is 16-byte aligned, a TMA descriptor by its type, dtype, alignment,
-shape, strides, block shape, layout and padding. Equal keys therefore mean equal specializations,
-and so the same compiled kernel. A call with any other kind of argument takes Triton's path.
+keyword arguments, and for every positional argument a fingerprint at least as fine as Triton's
+specialization of it: a float by its type, a tensor by its dtype and whether its data is 16-byte
+aligned, a TMA descriptor by its type, dtype, alignment, shape, strides, block shape, layout and
+padding, and an integer either by its value (the exact key, looked up first) or by the class Triton
+specializes it by (:func:`integer_class`: equal to 1, divisible by 16, 32- or 64-bit; the class key,
+looked up when the exact one misses, so that a decode step's growing position or a batch of packed
+documents of new lengths still goes direct). A positional argument the kernel declares
+``tl.constexpr`` is always keyed by its value. Equal keys therefore mean equal specializations, and
+so the same compiled kernel; the grid is not part of the key (it does not change the compiled code).
+A call with any other kind of argument takes Triton's path.
 
 Off under ``TRITON_INTERPRET=1`` (the interpreter has no compiled kernels) and when
 ``OLMOE_SPATTN_DIRECT_LAUNCH=0`` is set at import (every launch through Triton's path).
@@ -65,12 +70,51 @@ def fingerprint(arg: object) -> object:
     return UNKEYABLE
 
 
-def call_key(fn: object, device: int, grid: tuple, args: Sequence[object], kwargs: dict) -> tuple | None:
-    """The key of one launch (``None``: an argument :func:`fingerprint` does not know)."""
-    prints = tuple([a if type(a) is int else fingerprint(a) for a in args])
+def integer_class(value: int) -> tuple:
+    """What of a runtime integer argument Triton specializes on: equal to 1 (compiled as a constant),
+    divisible by 16, and the range that picks i32, i64 or u64."""
+    return (int, value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31), value < (1 << 63))
+
+
+#: ``id(kernel) -> positions of its tl.constexpr parameters`` (``None``: not known, no class keys)
+_CONSTEXPR_POSITIONS: dict[int, frozenset[int] | None] = {}
+
+
+def constexpr_positions(fn: Any) -> frozenset[int] | None:
+    """Positions of ``fn``'s ``tl.constexpr`` parameters (from Triton's parameter list), or ``None``."""
+    key = id(fn)
+    if key not in _CONSTEXPR_POSITIONS:
+        params = getattr(fn, "params", None)
+        try:
+            found = frozenset(i for i, param in enumerate(params) if param.is_constexpr)
+        except (TypeError, AttributeError):
+            found = None
+        _CONSTEXPR_POSITIONS[key] = found
+    return _CONSTEXPR_POSITIONS[key]
+
+
+def call_key(fn: object, device: int, args: Sequence[object], kwargs: dict, *, exact: bool = True) -> tuple | None:
+    """The key of one launch: integers by value (``exact``) or by :func:`integer_class`, except the
+    kernel's constexpr positions; ``None`` when an argument has no fingerprint, or (class key) when
+    the kernel's constexpr positions are not known."""
+    if exact:
+        prints = tuple([a if type(a) is int else fingerprint(a) for a in args])
+    else:
+        fixed = constexpr_positions(fn)
+        if fixed is None:
+            return None
+        prints = tuple([(a if i in fixed else integer_class(a)) if type(a) is int else fingerprint(a)
+                        for i, a in enumerate(args)])
     if UNKEYABLE in prints:
         return None
-    return (id(fn), device, grid, tuple(kwargs.items()), prints)
+    return (id(fn), device, exact, tuple(kwargs.items()), prints)
+
+
+def _lookup(key: tuple | None) -> tuple | None:
+    try:
+        return _COMPILED.get(key) if key is not None else None
+    except TypeError:  # an unhashable layout or option
+        return None
 
 
 def trailing_values(fn: Any, n_positional: int, kwargs: dict) -> tuple | None:
@@ -101,17 +145,18 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
         return
     driver = _driver()
     device = driver.get_current_device()
-    key = call_key(fn, device, grid, args, kwargs)
-    try:
-        entry = _COMPILED.get(key) if key is not None else None
-    except TypeError:  # an unhashable layout or option
-        key, entry = None, None
+    exact = call_key(fn, device, args, kwargs)
+    entry = _lookup(exact)
+    by_class = None
+    if entry is None and exact is not None:
+        by_class = call_key(fn, device, args, kwargs, exact=False)
+        entry = _lookup(by_class)
     if entry is not None:
         kernel, trailing = entry
         kernel[grid](*args, *trailing, stream=driver.get_current_stream(device))
         return
     kernel = fn[grid](*args, **kwargs)
-    if key is None or kernel is None:
+    if exact is None or kernel is None:
         return
     if hasattr(kernel, "result"):  # compiled asynchronously
         kernel = kernel.result()
@@ -120,4 +165,9 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
         return
     if len(_COMPILED) >= MAX_ENTRIES:
         _COMPILED.clear()
-    _COMPILED[key] = (kernel, trailing)
+    for key in (exact, by_class):
+        try:
+            if key is not None:
+                _COMPILED[key] = (kernel, trailing)
+        except TypeError:
+            return

@@ -97,3 +97,35 @@ def test_one_pass_backward_repeat_calls_against_the_oracle(pattern):
     q, k, v = _inputs(2, 1200, 8, 8, 128, torch.bfloat16)
     for _ in range(3):
         check_heads(triton_band_attention, spec, q, k, v, lse=True)
+
+
+def test_decode_steps_and_new_document_lengths_go_direct(monkeypatch):
+    """A decode step's position and a batch of packed documents of new lengths change integer
+    arguments within the class Triton specializes them by: those launches go direct too, and equal
+    Triton's own launch bit for bit."""
+    counter = CountingDriver(direct_launch._driver())
+    monkeypatch.setattr(direct_launch, "_driver", lambda: counter)
+    spec = BandSpec("spattention", 16, 4096)
+    q, k, v = (x.detach() for x in _inputs(2, 4097, 16, 4, 128, torch.bfloat16))
+    steps = [(q[:, t - 1: t], k[:, :t], v[:, :t]) for t in (3001, 3002, 3003, 3005)]
+    monkeypatch.setattr(direct_launch, "ENABLED", False)
+    want = [triton_band_attention(*x, spec) for x in steps]
+    monkeypatch.setattr(direct_launch, "ENABLED", True)
+    got = [triton_band_attention(*x, spec) for x in steps]
+    assert counter.direct >= len(steps) - 1, "later decode steps did not go direct"
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    packed = BandSpec("spattention", 8, 512)
+    qd, kd, vd = _inputs(1, 3001, 8, 4, 128, torch.bfloat16)
+    g = torch.randn_like(qd)
+    batches = [[0, 700, 701, 2300, 3001], [0, 1203, 1900, 2500, 3001], [0, 64, 3001]]
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(direct_launch, "ENABLED", on)
+        before = counter.direct
+        results[on] = [_call(qd, kd, vd, packed, g, cu_seqlens=torch.tensor(cu, device="cuda", dtype=torch.int32))
+                       for cu in batches]
+        if on:
+            assert counter.direct - before >= 3, "packed batches of new lengths did not go direct"
+    for got_batch, want_batch in zip(results[True], results[False]):
+        assert all(torch.equal(a, b) for a, b in zip(got_batch, want_batch))

@@ -75,6 +75,7 @@ def on_gpu_path(monkeypatch):
     monkeypatch.setattr(direct_launch, "ENABLED", True)
     monkeypatch.setattr(direct_launch, "_driver", FakeDriver)
     monkeypatch.setattr(direct_launch, "_COMPILED", {})
+    monkeypatch.setattr(direct_launch, "_CONSTEXPR_POSITIONS", {})
 
 
 def _kinds(log):
@@ -178,6 +179,19 @@ def test_a_parameter_without_value_or_default_is_not_cached(on_gpu_path):
     for _ in range(2):
         direct_launch.launch(jit, (1,), x, 3)  # BLOCK missing: Triton's path reports it
     assert _kinds(jit.log) == ["triton", "triton"]
+
+
+def test_an_entry_serves_only_the_kernel_that_made_it(on_gpu_path):
+    """Keys hold a kernel's ``id``; an entry left by a kernel since freed (whose ``id`` another
+    kernel now has) is not used, and neither are its constexpr positions."""
+    jit, other = FakeJit(kernel_fn), FakeJit(kernel_fn)
+    x = torch.zeros(64)
+    direct_launch.launch(jit, (1,), x, 3, 0.5)
+    key = direct_launch.call_key(jit, 0, (x, 3, 0.5), {})
+    assert direct_launch._lookup(jit, key) is not None
+    assert direct_launch._lookup(other, key) is None
+    direct_launch._CONSTEXPR_POSITIONS[id(other)] = (jit, frozenset({0}))  # as if ``other`` reused an id
+    assert direct_launch.constexpr_positions(other) == frozenset({3, 4, 5})
 
 
 def test_the_cache_is_cleared_when_full(on_gpu_path, monkeypatch):

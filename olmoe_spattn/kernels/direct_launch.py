@@ -48,8 +48,9 @@ class _Unkeyable:
 
 UNKEYABLE = _Unkeyable()
 
-#: ``call key -> (compiled kernel, values of the signature's parameters after the positional ones)``
-_COMPILED: dict[tuple, tuple[Any, tuple]] = {}
+#: ``call key -> (JIT kernel, compiled kernel, values of the signature's parameters after the positional
+#: ones)``; keys hold the JIT kernel's ``id``, and a hit checks that it is still the same object
+_COMPILED: dict[tuple, tuple[Any, Any, tuple]] = {}
 
 
 def fingerprint(arg: object) -> object:
@@ -76,21 +77,22 @@ def integer_class(value: int) -> tuple:
     return (int, value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31), value < (1 << 63))
 
 
-#: ``id(kernel) -> positions of its tl.constexpr parameters`` (``None``: not known, no class keys)
-_CONSTEXPR_POSITIONS: dict[int, frozenset[int] | None] = {}
+#: ``id(kernel) -> (kernel, positions of its tl.constexpr parameters)`` (``None``: not known)
+_CONSTEXPR_POSITIONS: dict[int, tuple[Any, frozenset[int] | None]] = {}
 
 
 def constexpr_positions(fn: Any) -> frozenset[int] | None:
     """Positions of ``fn``'s ``tl.constexpr`` parameters (from Triton's parameter list), or ``None``."""
-    key = id(fn)
-    if key not in _CONSTEXPR_POSITIONS:
-        params = getattr(fn, "params", None)
-        try:
-            found = frozenset(i for i, param in enumerate(params) if param.is_constexpr)
-        except (TypeError, AttributeError):
-            found = None
-        _CONSTEXPR_POSITIONS[key] = found
-    return _CONSTEXPR_POSITIONS[key]
+    known = _CONSTEXPR_POSITIONS.get(id(fn))
+    if known is not None and known[0] is fn:
+        return known[1]
+    params = getattr(fn, "params", None)
+    try:
+        found = frozenset(i for i, param in enumerate(params) if param.is_constexpr)
+    except (TypeError, AttributeError):
+        found = None
+    _CONSTEXPR_POSITIONS[id(fn)] = (fn, found)
+    return found
 
 
 def call_key(fn: object, device: int, args: Sequence[object], kwargs: dict, *, exact: bool = True) -> tuple | None:
@@ -110,11 +112,13 @@ def call_key(fn: object, device: int, args: Sequence[object], kwargs: dict, *, e
     return (id(fn), device, exact, tuple(kwargs.items()), prints)
 
 
-def _lookup(key: tuple | None) -> tuple | None:
+def _lookup(fn: object, key: tuple | None) -> tuple | None:
+    """``(compiled kernel, trailing values)`` kept under ``key`` for ``fn``, or ``None``."""
     try:
-        return _COMPILED.get(key) if key is not None else None
+        entry = _COMPILED.get(key) if key is not None else None
     except TypeError:  # an unhashable layout or option
         return None
+    return entry[1:] if entry is not None and entry[0] is fn else None
 
 
 def trailing_values(fn: Any, n_positional: int, kwargs: dict) -> tuple | None:
@@ -146,11 +150,11 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
     driver = _driver()
     device = driver.get_current_device()
     exact = call_key(fn, device, args, kwargs)
-    entry = _lookup(exact)
+    entry = _lookup(fn, exact)
     by_class = None
     if entry is None and exact is not None:
         by_class = call_key(fn, device, args, kwargs, exact=False)
-        entry = _lookup(by_class)
+        entry = _lookup(fn, by_class)
     if entry is not None:
         kernel, trailing = entry
         kernel[grid](*args, *trailing, stream=driver.get_current_stream(device))
@@ -168,6 +172,6 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
     for key in (exact, by_class):
         try:
             if key is not None:
-                _COMPILED[key] = (kernel, trailing)
+                _COMPILED[key] = (fn, kernel, trailing)
         except TypeError:
             return

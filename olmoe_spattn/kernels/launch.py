@@ -1,4 +1,5 @@
-"""Host-side launchers: allocate outputs, pick configurations, launch the kernels.
+"""Host-side launchers: allocate outputs, pick configurations, launch the kernels (repeat calls
+go straight to the compiled kernels, :mod:`.direct_launch`).
 
 Hopper-era features of plain Triton. Without ``OLMOE_SPATTN_TRITON_FEATURES`` (or with
 ``auto``) they are chosen per call on SM90+ GPUs (:func:`auto_features`, measured on an H200

@@ -95,21 +95,25 @@ def constexpr_positions(fn: Any) -> frozenset[int] | None:
     return found
 
 
-def call_key(fn: object, device: int, args: Sequence[object], kwargs: dict, *, exact: bool = True) -> tuple | None:
-    """The key of one launch: integers by value (``exact``) or by :func:`integer_class`, except the
-    kernel's constexpr positions; ``None`` when an argument has no fingerprint, or (class key) when
-    the kernel's constexpr positions are not known."""
-    if exact:
-        prints = tuple([a if type(a) is int else fingerprint(a) for a in args])
-    else:
-        fixed = constexpr_positions(fn)
-        if fixed is None:
-            return None
-        prints = tuple([(a if i in fixed else integer_class(a)) if type(a) is int else fingerprint(a)
-                        for i, a in enumerate(args)])
+def call_key(fn: object, device: int, args: Sequence[object], kwargs: dict) -> tuple | None:
+    """The exact key of one launch, integers by value (``None``: an argument has no fingerprint)."""
+    prints = tuple([a if type(a) is int else fingerprint(a) for a in args])
     if UNKEYABLE in prints:
         return None
-    return (id(fn), device, exact, tuple(kwargs.items()), prints)
+    return (id(fn), device, tuple(kwargs.items()), prints)
+
+
+def class_key(fn: object, exact: tuple, args: Sequence[object]) -> tuple | None:
+    """The class key derived from the exact key ``exact`` of the same launch: integers by
+    :func:`integer_class`, except at the kernel's constexpr positions (``None`` when those are not
+    known)."""
+    fixed = constexpr_positions(fn)
+    if fixed is None:
+        return None
+    *head, prints = exact
+    by_class = tuple([integer_class(a) if type(a) is int and i not in fixed else fp
+                      for i, (a, fp) in enumerate(zip(args, prints))])
+    return (*head, by_class)
 
 
 def _lookup(fn: object, key: tuple | None) -> tuple | None:
@@ -153,7 +157,7 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
     entry = _lookup(fn, exact)
     by_class = None
     if entry is None and exact is not None:
-        by_class = call_key(fn, device, args, kwargs, exact=False)
+        by_class = class_key(fn, exact, args)
         entry = _lookup(fn, by_class)
     if entry is not None:
         kernel, trailing = entry

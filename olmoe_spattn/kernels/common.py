@@ -311,15 +311,21 @@ class Problem:
             self.max_tk = self.tk
             ext_len = self.tk
         self.extent = band_extent(spec, max(ext_len, 1), head_offset, self.n_heads) if ext_len > 0 else 0
+        #: the launches of earlier calls, for calls that repeat them (:mod:`.replay`); ``None``: not kept
+        #: (a Problem made for one call; cached Problems get a store)
+        self.replays = None
+        self._heads_with_work: tuple[int, int] | None = None
 
     def heads_with_work(self) -> tuple[int, int]:
         """``(a, b)``: local heads ``a .. b - 1`` hold every head that has a (query, key) pair in this
         call (``(0, 0)``: none has). A head whose nearest allowed distance exceeds the largest
         distance of the call (the last query position; the longest document's length - 1 with
         packed documents) has none, and zero gradients."""
-        reach = self.max_seqlen - 1 if self.is_varlen else self.q_offset + self.tq - 1
-        working = [h for h, d in enumerate(nearest_distances(*self._bands)) if d <= reach]
-        return (working[0], working[-1] + 1) if working else (0, 0)
+        if self._heads_with_work is None:  # a few microseconds of host time: once per Problem
+            reach = self.max_seqlen - 1 if self.is_varlen else self.q_offset + self.tq - 1
+            working = [h for h, d in enumerate(nearest_distances(*self._bands)) if d <= reach]
+            self._heads_with_work = (working[0], working[-1] + 1) if working else (0, 0)
+        return self._heads_with_work
 
     @staticmethod
     @functools.lru_cache(maxsize=8)

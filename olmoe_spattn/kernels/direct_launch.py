@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import triton
 
+from . import replay
 from .autotune import interpreting
 
 #: ``OLMOE_SPATTN_DIRECT_LAUNCH=0`` at import: every launch takes Triton's own path.
@@ -147,8 +148,11 @@ def _driver() -> Any:
 
 
 def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
-    """``fn[grid](*args, **kwargs)``; a repeat call goes straight to the compiled kernel."""
+    """``fn[grid](*args, **kwargs)``; a repeat call goes straight to the compiled kernel. An open
+    :func:`.replay.recording` gets the launch: the compiled kernel, the grid and every positional
+    argument when it went straight there, ``None`` when it took Triton's path."""
     if not ENABLED or interpreting():
+        replay.record(None)
         fn[grid](*args, **kwargs)
         return
     driver = _driver()
@@ -161,8 +165,10 @@ def launch(fn: Any, grid: tuple, *args: object, **kwargs: object) -> None:
         entry = _lookup(fn, by_class)
     if entry is not None:
         kernel, trailing = entry
+        replay.record((kernel, grid, (*args, *trailing)))
         kernel[grid](*args, *trailing, stream=driver.get_current_stream(device))
         return
+    replay.record(None)
     kernel = fn[grid](*args, **kwargs)
     if exact is None or kernel is None:
         return

@@ -52,7 +52,7 @@ import os
 import torch
 import triton
 
-from . import direct_launch
+from . import direct_launch, replay
 from .autotune import (
     LaunchConfig,
     autotune_enabled,
@@ -189,7 +189,8 @@ def _launch(kind: str, fn, grid_of, p: Problem, args: list, descriptors=None, **
 
 
 def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
-    """``(out [B, Tq, H, D], lse [B, H, Tq] fp32)``."""
+    """``(out [B, Tq, H, D], lse [B, H, Tq] fp32)``; a repeat call of ``p`` replays the launches of
+    an earlier one (:mod:`.replay`)."""
     out = torch.empty_like(q)
     lse = torch.empty(p.batch, p.n_heads, p.tq, device=q.device, dtype=torch.float32)
     if p.tq == 0:
@@ -199,10 +200,20 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
     if use_decode_path(p):
         run_decode(q, k, v, out, lse, p)
         return out, lse
+    found = replay.lookup(p, "fwd", (os.environ.get("OLMOE_SPATTN_TRITON_FEATURES"), autotune_enabled()), (q, k, v))
+    replay.launch_or_replay(found, (q, k, v, out, lse), lambda: _forward_launches(q, k, v, out, lse, p),
+                            (p.table, p.cu))
+    return out, lse
+
+
+def _forward_launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      p: Problem) -> None:
+    """The forward's launch into ``out`` and ``lse``: the Gluon kernels where :func:`triton_features`
+    picks them and they can run, else the Triton kernel."""
     features = triton_features(p, q.device)
     if features & {"gluon_fwd", "gluon_ws"} and sm90_ok(p, q, k, v):  # with both, the warp-specialized one
         (run_forward_sm90_ws if "gluon_ws" in features else run_forward_sm90)(q, k, v, out, lse, p)
-        return out, lse
+        return
     args = [
         q, k, v, out, lse, p.table, p.cu,
         q.stride(0), q.stride(1), q.stride(2),
@@ -231,7 +242,6 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, IS_VARLEN=p.is_varlen, SPLIT=False,
         DOT_PRECISION=p.dot_precision, **extra,
     )
-    return out, lse
 
 
 def sm90_ok(p: Problem, *tensors: torch.Tensor) -> bool:
@@ -493,6 +503,10 @@ def use_cute_backward(p: Problem, deterministic: bool, *tensors: torch.Tensor) -
     return cute_backward_ok(p, *tensors)
 
 
+#: What :func:`run_backward` keeps under a call's layout key when that call took the CuTe backward.
+CUTE_SCHEDULE = "cute"
+
+
 def run_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -507,25 +521,39 @@ def run_backward(
     """``(dq, dk, dv)``; ``dlse`` (gradient of the returned log-sum-exp) is optional.
 
     ``deterministic`` keeps the two-pass schedule (bit-identical gradients run to run); otherwise
-    the CuTe one-pass kernel runs where :func:`use_cute_backward` allows it.
+    the CuTe one-pass kernel runs where :func:`use_cute_backward` allows it. A repeat call of ``p``
+    reuses the schedule an earlier one took, and replays its Triton launches (:mod:`.replay`).
     """
     if p.tq == 0 or p.tk == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if use_cute_backward(p, deterministic, q, k, v, out, do):
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta
+        dlse = dlse.to(torch.float32).contiguous()
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    inputs = (do, q, k, v, out, lse) if dlse is None else (do, q, k, v, out, lse, dlse)
+    settings = (deterministic, os.environ.get("OLMOE_SPATTN_BWD"), os.environ.get("OLMOE_SPATTN_TRITON_FEATURES"),
+                autotune_enabled())
+    found = store, key, entry = replay.lookup(p, "bwd", settings, inputs)
+    if entry is CUTE_SCHEDULE or (entry is None and use_cute_backward(p, deterministic, q, k, v, out, do)):
         grads = run_backward_cute(do, q, k, v, out, lse, p, dlse)
         if grads is not None:
+            if store is not None and entry is None:
+                store.mark(key, CUTE_SCHEDULE)
             return grads
+        found = store, key, None  # the CuTe kernels did not compile: the Triton backward from now on
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty_like(lse)  # [B, H, Tq] fp32
-    if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into delta
-        dlse = dlse.to(torch.float32).contiguous()
     if use_one_pass(deterministic):
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # [B, Tq, H, D]
-        run_delta(do, out, lse, dlse, delta, p)
-        run_dkdv(do, q, k, v, lse, delta, dk, dv, p, dq_acc=dq_acc)
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
-    run_dq(do, q, k, v, out, lse, dlse, delta, dq, p)
-    run_dkdv(do, q, k, v, lse, delta, dk, dv, p)
-    return dq, dk, dv
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # [B, Tq, H, D], atomic adds
+
+        def launches() -> None:
+            run_delta(do, out, lse, dlse, delta, p)
+            run_dkdv(do, q, k, v, lse, delta, dk, dv, p, dq_acc=dq)
+    else:
+        dq = torch.empty_like(q)
+
+        def launches() -> None:
+            run_dq(do, q, k, v, out, lse, dlse, delta, dq, p)
+            run_dkdv(do, q, k, v, lse, delta, dk, dv, p)
+    replay.launch_or_replay(found, (*inputs, dq, dk, dv, delta), launches, (p.table, p.cu))
+    return dq.to(q.dtype), dk, dv

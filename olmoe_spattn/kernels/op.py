@@ -19,6 +19,7 @@ from ..validation import capturing_cuda_graph, check_kernel_options, check_qkv
 from . import launch as _launch
 from .autotune import interpreting
 from .common import Problem
+from .replay import Replays
 
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,7 +38,8 @@ _MAX_CACHED_PROBLEMS = 256
 
 
 def _problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale):
-    """The launch geometry of one call; cached by shape for unpacked batches."""
+    """The launch geometry of one call; cached by shape for unpacked batches, whose repeat calls replay
+    the launches of earlier ones (:mod:`.replay`)."""
     if cu_seqlens is None:
         key = (q.shape, k.shape, q.dtype, q.device, pattern, n_heads, partition_len, head_offset, q_offset, scale)
         p = _PROBLEMS.get(key)
@@ -47,6 +49,7 @@ def _problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_o
             p = _PROBLEMS[key] = _new_problem(
                 q, k, None, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale
             )
+            p.replays = Replays()
         return p
     return _new_problem(q, k, cu_seqlens, pattern, n_heads, partition_len, head_offset, q_offset, max_seqlen, scale)
 

@@ -20,3 +20,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def no_replays(monkeypatch):
+    """Every kernel call takes the ordinary launch path instead of replaying an earlier call's
+    launches (``olmoe_spattn/kernels/replay.py``): for tests that force a launch configuration by
+    replacing ``launch.fixed_config``, or count the steps of that path."""
+    from olmoe_spattn.kernels import replay
+
+    monkeypatch.setattr(replay, "enabled", lambda: False)

@@ -232,3 +232,28 @@ def test_the_backward_remembers_its_schedule(monkeypatch):
     monkeypatch.setattr(launch, "use_cute_backward", lambda *a: False)
     want = launch.run_backward(do, q, k, v, out, lse, p)
     assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), want))
+
+
+def test_suspended_calls_neither_record_nor_replay(on_gpu_path):
+    p, (jit_a, jit_b) = _problem_like(), _kernels()
+    call = Call(p, jit_a, jit_b)
+    with replay.suspended():
+        for _ in range(4):
+            call(_slots())
+        assert not replay.enabled()
+    assert call.ordinary == 4 and not p.replays._by_key
+    for _ in range(3):
+        call(_slots())
+    assert call.ordinary == 5  # recorded (its launches go direct), then replayed
+
+
+def test_benchmark_overrides_suspend_replays(on_gpu_path):
+    """A forced launch configuration is invisible to the layout key: the sweeps' override turns
+    replays off for its duration."""
+    from olmoe_spattn.bench.features import overridden
+    from olmoe_spattn.kernels.autotune import LaunchConfig
+
+    assert replay.enabled()
+    with overridden({"OLMOE_SPATTN_TRITON_FEATURES": "none"}, {"fwd": LaunchConfig(32, 32, 4, 2)}):
+        assert not replay.enabled()
+    assert replay.enabled()

@@ -96,8 +96,9 @@ def parse_cases(text: str) -> list[Case]:
 def overridden(env: dict[str, str] | None = None, configs: dict | None = None) -> Iterator[None]:
     """For the duration: the environment variables in ``env`` set, and ``launch.fixed_config``
     returning ``configs[kind]`` (a ``LaunchConfig``) for the kernel kinds it names; both
-    restored afterwards."""
-    from ..kernels import launch
+    restored afterwards. No call replays an earlier call's launches meanwhile
+    (:func:`..kernels.replay.suspended`): every call decides its kernels and configurations."""
+    from ..kernels import launch, replay
 
     old_env = {name: os.environ.get(name) for name in env or {}}
     real = launch.fixed_config
@@ -105,7 +106,8 @@ def overridden(env: dict[str, str] | None = None, configs: dict | None = None) -
     if configs:
         launch.fixed_config = lambda kind, block_d, extent: configs.get(kind) or real(kind, block_d, extent)
     try:
-        yield
+        with replay.suspended():
+            yield
     finally:
         launch.fixed_config = real
         for name, value in old_env.items():

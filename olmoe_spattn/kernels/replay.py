@@ -19,7 +19,7 @@ tensor argument is a slot or belongs to the Problem; otherwise that call keeps t
 
 Kept on Problems cached by shape (eager calls of unpacked batches): packed documents make a new
 Problem per call. Off where :mod:`.direct_launch` is off (``OLMOE_SPATTN_DIRECT_LAUNCH=0``, the
-interpreter).
+interpreter) and inside :func:`suspended`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,26 @@ class _NotReplayable:
 NOT_REPLAYABLE = _NotReplayable()
 
 
+_suspended = 0
+
+
 def enabled() -> bool:
-    """Whether calls may be recorded and replayed (they may wherever :mod:`.direct_launch` is on)."""
-    return direct_launch.ENABLED and not interpreting()
+    """Whether calls may be recorded and replayed: wherever :mod:`.direct_launch` is on, outside
+    :func:`suspended`."""
+    return direct_launch.ENABLED and not interpreting() and not _suspended
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No call is recorded or replayed while this is open. For code that changes the launch
+    decisions behind the layout key's back (a launch configuration forced by replacing
+    ``launch.fixed_config``, as the benchmark sweeps do), which a replay would not see."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def layout_key(kind: str, settings: tuple, tensors: Sequence[torch.Tensor]) -> tuple:

@@ -14,16 +14,10 @@ import torch
 from attention_checks import check_heads
 
 from olmoe_spattn import BandSpec
-from olmoe_spattn.kernels import direct_launch, replay, triton_band_attention
+from olmoe_spattn.kernels import direct_launch, triton_band_attention
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def no_replays(monkeypatch):
-    """Every call takes the launch path under test here, not a replay of an earlier call's launches
-    (``kernels/replay.py``, tested in ``test_replay_gpu.py``)."""
-    monkeypatch.setattr(replay, "enabled", lambda: False)
+# every call takes the launch path under test here, not a replay of an earlier call's launches
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_replays")]
 
 
 def _inputs(b, t, h, hkv, d, dtype):

@@ -15,7 +15,8 @@ from attention_checks import check_heads
 
 from olmoe_spattn import BandSpec
 
-pytestmark = pytest.mark.gpu
+# each variant forces its features and configurations: no call replays another variant's launches
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_replays")]
 
 # (features, forward config override as (block_m, block_n, warps, stages) or None)
 VARIANTS = [("", None), ("tma_dq", None), ("tma,tma_bwd", None), ("tma,flat", None), ("tma,flat,tma_dq", (64, 64, 4, 3)),

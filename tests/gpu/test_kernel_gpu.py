@@ -107,8 +107,9 @@ def test_memory_is_linear_in_t():
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_every_launch_config(head_dim, monkeypatch):
-    """Each configuration of the tuned space is exact on its own (interpreter != GPU)."""
+def test_every_launch_config(head_dim, monkeypatch, no_replays):
+    """Each configuration of the tuned space is exact on its own (interpreter != GPU); no call
+    replays the launches of the one before, which ran another configuration."""
     from olmoe_spattn.kernels import autotune, launch
 
     monkeypatch.setenv("OLMOE_SPATTN_AUTOTUNE", "0")

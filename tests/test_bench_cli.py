@@ -21,7 +21,7 @@ def test_bench_kernel_help_lists_options():
     )
     assert proc.returncode == 0, proc.stderr
     for option in ("--shapes", "--patterns", "--backends", "--quick", "--no-fa4", "--out-dir", "--cuda-graphs",
-                   "--no-autograd-threads"):
+                   "--no-autograd-threads", "--no-gc"):
         assert option in proc.stdout
 
 
@@ -280,6 +280,30 @@ def test_no_autograd_threads_times_every_backward_on_the_calling_thread(tmp_path
     assert data["settings"]["autograd_threads"] is threads
     header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
     assert ("every backward on the calling thread" in header) is (not threads)
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_no_gc_times_every_variant_without_automatic_collection(tmp_path, monkeypatch, collect):
+    import gc
+
+    seen = []
+    real = measure.run_shape
+
+    def recording(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "run_shape", recording)
+    argv = ["bench", "kernel", "--device", "cpu", "--quick", "--backends", "torch", "--shapes", "1,2,32,16",
+            "--patterns", "spattention", "--out-dir", str(tmp_path), "--warmup", "1", "--iters", "1",
+            "--rounds", "1", "--no-plot"]
+    assert main(argv + ([] if collect else ["--no-gc"])) == 0
+    assert seen == [collect]
+    assert gc.isenabled()  # the process's setting is restored afterwards
+    data = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert data["settings"]["gc"] is collect
+    header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
+    assert ("automatic garbage collection off" in header) is (not collect)
 
 
 def test_bench_overhead_times_the_backward_on_the_calling_thread_when_asked():

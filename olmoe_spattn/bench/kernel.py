@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import os
 import platform
 import sys
@@ -147,6 +148,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "eager calls at short lengths roughly halves; all variants are timed this way",
     )
     parser.add_argument(
+        "--no-gc", dest="gc", action="store_false", default=True,
+        help="turn Python's automatic garbage collection off for the run, collecting before each shape "
+        "instead (as OLMo-core's trainer does during training, and timeit while it times): in a process "
+        "with many objects loaded, collections triggered mid-call add host time to eager calls at short "
+        "lengths; all variants are timed this way",
+    )
+    parser.add_argument(
         "--time-budget", type=float, default=None,
         help="seconds; shapes/patterns not started by then are recorded as skipped (default: none)",
     )
@@ -235,6 +243,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
         ),
         cuda_graphs=cuda_graphs,
         autograd_threads=args.autograd_threads,
+        gc=args.gc,
     )
     if args.shapes:
         shapes = args.shapes
@@ -300,9 +309,14 @@ def run(args: argparse.Namespace) -> int:
         "results": [],
     }
     status = 0
+    gc_was_enabled = gc.isenabled()
+    if not settings.gc:
+        gc.disable()
     with torch.autograd.set_multithreading_enabled(settings.autograd_threads):  # restored on exit
         try:
             for shape in shapes:
+                if not settings.gc:
+                    gc.collect()
                 if deadline is not None and time.monotonic() > deadline:
                     data["results"] += [
                         asdict(Row(list(shape), p, be, None, "skipped", "time budget spent"))
@@ -318,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
                 data["results"] += [asdict(r) for r in rows]
                 write_outputs(data, out_dir, draw=False)  # keep partial results if the run is cut short
         finally:
+            if gc_was_enabled:
+                gc.enable()
             data["elapsed_s"] = round(time.monotonic() - start, 1)
             paths = write_outputs(data, out_dir, draw=not args.no_plot)
             log("wrote " + ", ".join(str(p) for p in paths))

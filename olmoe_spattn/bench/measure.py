@@ -45,6 +45,7 @@ class Settings:
     min_round_ms: float = 0.0
     cuda_graphs: bool = False
     autograd_threads: bool = True
+    gc: bool = True  # Python's automatic garbage collection on while timing
 
 
 def _fwd_bwd(fn: AttnFn, q, k, v, dout) -> Callable[[], object]:

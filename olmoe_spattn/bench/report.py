@@ -176,7 +176,8 @@ def to_markdown(data: dict) -> str:
         f"dtype {s['dtype']}, medians of {s['rounds']} interleaved rounds x >= {s['iters']} calls "
         f"(>= {s.get('min_round_ms', 0):g} ms per round; on CUDA triton.testing.do_bench, L2 cleared "
         f"before each call{'; each call a CUDA graph replay' if s.get('cuda_graphs') else ''}"
-        f"{'; every backward on the calling thread' if not s.get('autograd_threads', True) else ''}); "
+        f"{'; every backward on the calling thread' if not s.get('autograd_threads', True) else ''}"
+        f"{'; automatic garbage collection off' if not s.get('gc', True) else ''}); "
         f"partition length N = {s['partition_len']}.",
         "Speedups are fwd+bwd (forward only in brackets); TFLOP/s count only allowed pairs "
         f"(fwd+bwd = {BWD_FLOP_FACTOR}x forward FLOPs); peak = {PEAK_TEXT[data.get('peak_memory', PEAK_ALL_LIVE)]}; "

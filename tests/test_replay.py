@@ -257,3 +257,15 @@ def test_benchmark_overrides_suspend_replays(on_gpu_path):
     with overridden({"OLMOE_SPATTN_TRITON_FEATURES": "none"}, {"fwd": LaunchConfig(32, 32, 4, 2)}):
         assert not replay.enabled()
     assert replay.enabled()
+
+
+def test_a_nested_recording_hands_back_to_the_outer_one(on_gpu_path):
+    jit = FakeJit(pointer_fn)
+    x, out, table = torch.zeros(64), torch.zeros(64), torch.zeros(4)
+    direct_launch.launch(jit, (1,), x, out, table, 100, 0.5)  # compile
+    with replay.recording() as outer:
+        direct_launch.launch(jit, (1,), x, out, table, 100, 0.5)
+        with replay.recording() as inner:
+            direct_launch.launch(jit, (2,), x, out, table, 100, 0.5)
+        direct_launch.launch(jit, (3,), x, out, table, 100, 0.5)
+    assert [grid for _, grid, _ in outer] == [(1,), (3,)] and [grid for _, grid, _ in inner] == [(2,)]

@@ -258,52 +258,48 @@ def test_written_sweep_tables_say_what_they_were_measured_on(monkeypatch):
     assert "torch " in head[3] and "triton " in head[3]
 
 
-@pytest.mark.parametrize("threads", [True, False])
-def test_no_autograd_threads_times_every_backward_on_the_calling_thread(tmp_path, monkeypatch, threads):
+def _autograd_threads_on() -> bool:
     import torch
 
-    seen = []
-    real = measure.run_shape
-
-    def recording(*args, **kwargs):
-        seen.append(torch._C._is_multithreading_enabled())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(measure, "run_shape", recording)
-    argv = ["bench", "kernel", "--device", "cpu", "--quick", "--backends", "torch", "--shapes", "1,2,32,16",
-            "--patterns", "spattention", "--out-dir", str(tmp_path), "--warmup", "1", "--iters", "1",
-            "--rounds", "1", "--no-plot"]
-    assert main(argv + ([] if threads else ["--no-autograd-threads"])) == 0
-    assert seen == [threads]
-    assert torch._C._is_multithreading_enabled()  # the process's setting is restored afterwards
-    data = json.loads((tmp_path / "kernel_bench.json").read_text())
-    assert data["settings"]["autograd_threads"] is threads
-    header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
-    assert ("every backward on the calling thread" in header) is (not threads)
+    return torch._C._is_multithreading_enabled()
 
 
-@pytest.mark.parametrize("collect", [True, False])
-def test_no_gc_times_every_variant_without_automatic_collection(tmp_path, monkeypatch, collect):
+def _gc_on() -> bool:
     import gc
 
+    return gc.isenabled()
+
+
+# (flag, its setting in kernel_bench.json, what the header says when it is given, the process state)
+PROCESS_FLAGS = [
+    ("--no-autograd-threads", "autograd_threads", "every backward on the calling thread", _autograd_threads_on),
+    ("--no-gc", "gc", "automatic garbage collection off", _gc_on),
+]
+
+
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize(("flag", "setting", "note", "state"), PROCESS_FLAGS, ids=[f[0] for f in PROCESS_FLAGS])
+def test_process_flags_hold_while_timing_and_are_restored(tmp_path, monkeypatch, given, flag, setting, note, state):
+    """``--no-autograd-threads`` runs every backward on the calling thread, ``--no-gc`` turns automatic
+    garbage collection off: for every timed shape, recorded in the results, undone afterwards."""
     seen = []
     real = measure.run_shape
 
     def recording(*args, **kwargs):
-        seen.append(gc.isenabled())
+        seen.append(state())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(measure, "run_shape", recording)
     argv = ["bench", "kernel", "--device", "cpu", "--quick", "--backends", "torch", "--shapes", "1,2,32,16",
             "--patterns", "spattention", "--out-dir", str(tmp_path), "--warmup", "1", "--iters", "1",
             "--rounds", "1", "--no-plot"]
-    assert main(argv + ([] if collect else ["--no-gc"])) == 0
-    assert seen == [collect]
-    assert gc.isenabled()  # the process's setting is restored afterwards
+    assert main(argv + ([flag] if given else [])) == 0
+    assert seen == [not given]
+    assert state()  # the process's setting is restored afterwards
     data = json.loads((tmp_path / "kernel_bench.json").read_text())
-    assert data["settings"]["gc"] is collect
+    assert data["settings"][setting] is (not given)
     header = "\n".join((tmp_path / "kernel_bench.md").read_text().splitlines()[:6])
-    assert ("automatic garbage collection off" in header) is (not collect)
+    assert (note in header) is given
 
 
 def test_bench_overhead_times_the_backward_on_the_calling_thread_when_asked():

@@ -72,7 +72,7 @@ class Call:
             direct_launch.launch(self.jit_b, (2, 2, 1), TensorDescriptor(y, [64, 16], [16, 1], [16, 16]), extra, 7,
                                  FLAG=True)
 
-        replay.launch_or_replay(found, slots, launches, (self.p.table, self.p.cu))
+        replay.launch_or_replay(found, (x, y), (out,), launches, (self.p.table, self.p.cu))
 
 
 def test_a_repeat_call_replays_the_launches_with_its_own_tensors(on_gpu_path):
@@ -110,22 +110,22 @@ def test_a_call_with_a_buffer_of_its_own_is_not_replayed(on_gpu_path):
 def test_build_refuses_what_it_cannot_replay():
     x, y, out = _slots()
     kernel, owned = object(), (torch.zeros(2),)
-    assert build([], (x, y, out), owned) is None
-    assert build([(kernel, (1,), (x, 1)), None], (x, y, out), owned) is None  # a launch took Triton's path
-    assert build([(kernel, (1,), (x, torch.zeros(3)))], (x, y, out), owned) is None  # a foreign tensor
-    assert build([(kernel, (1,), (x, [y]))], (x, y, out), owned) is None  # a container of tensors
-    assert build([(kernel, (1,), (x, {"a": (3, out)}))], (x, y, out), owned) is None
-    assert build([(kernel, (1,), (x, y.untyped_storage()))], (x, y, out), owned) is None
+    assert build([], (x, y), (out,), owned) is None
+    assert build([(kernel, (1,), (x, 1)), None], (x, y), (out,), owned) is None  # a launch took Triton's path
+    assert build([(kernel, (1,), (x, torch.zeros(3)))], (x, y), (out,), owned) is None  # a foreign tensor
+    assert build([(kernel, (1,), (x, [y]))], (x, y), (out,), owned) is None  # a container of tensors
+    assert build([(kernel, (1,), (x, {"a": (3, out)}))], (x, y), (out,), owned) is None
+    assert build([(kernel, (1,), (x, y.untyped_storage()))], (x, y), (out,), owned) is None
     foreign = TensorDescriptor(torch.randn(64, 16), [64, 16], [16, 1], [16, 16])
-    assert build([(kernel, (1,), (foreign,))], (x, y, out), owned) is None  # a descriptor over a foreign tensor
-    kept = build([(kernel, (1,), (x, owned[0], 3, 0.5, True, None, "tf32", (16, 32)))], (x, y, out), owned)
+    assert build([(kernel, (1,), (foreign,))], (x, y), (out,), owned) is None  # a descriptor over a foreign tensor
+    kept = build([(kernel, (1,), (x, owned[0], 3, 0.5, True, None, "tf32", (16, 32)))], (x, y), (out,), owned)
     assert isinstance(kept, Replay) and kept.steps[0][2][2:] == (3, 0.5, True, None, "tf32", (16, 32))
 
 
 def test_a_replay_keeps_no_tensor_of_the_recorded_call(on_gpu_path):
     x, y, out = _slots()
     desc = TensorDescriptor(y, [64, 16], [16, 1], [16, 16])
-    kept = build([(object(), (1,), (x, desc, out))], (x, y, out), ())
+    kept = build([(object(), (1,), (x, desc, out))], (x, y), (out,), ())
     refs = [weakref.ref(t) for t in (x, y, out)]
     del x, y, out, desc
     gc.collect()

@@ -201,7 +201,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem):
         run_decode(q, k, v, out, lse, p)
         return out, lse
     found = replay.lookup(p, "fwd", (os.environ.get("OLMOE_SPATTN_TRITON_FEATURES"), autotune_enabled()), (q, k, v))
-    replay.launch_or_replay(found, (q, k, v, out, lse), lambda: _forward_launches(q, k, v, out, lse, p),
+    replay.launch_or_replay(found, (q, k, v), (out, lse), lambda: _forward_launches(q, k, v, out, lse, p),
                             (p.table, p.cu))
     return out, lse
 
@@ -555,5 +555,5 @@ def run_backward(
         def launches() -> None:
             run_dq(do, q, k, v, out, lse, dlse, delta, dq, p)
             run_dkdv(do, q, k, v, lse, delta, dk, dv, p)
-    replay.launch_or_replay(found, (*inputs, dq, dk, dv, delta), launches, (p.table, p.cu))
+    replay.launch_or_replay(found, inputs, (dq, dk, dv, delta), launches, (p.table, p.cu))
     return dq.to(q.dtype), dk, dv

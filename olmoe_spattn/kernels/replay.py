@@ -12,8 +12,8 @@ with its own tensors and launches.
 Equal layout keys mean equal decisions: the Problem fixes the shapes, the geometry and the
 band table, and the key holds everything else the launch path reads (the strides, dtypes and
 16-byte alignment of every input tensor, the settings the caller passes, the current device).
-The buffers a call allocates get their strides from its inputs; their alignment is checked again
-at every replay (:meth:`Replay.fits`). A replay is built only from a call whose every launch went
+The buffers a call allocates get their strides from its inputs; their alignment is checked at
+every replay (:meth:`Replay.fits`). A replay is built only from a call whose every launch went
 straight to a compiled kernel (so compilation and autotuning were behind it) and whose every
 tensor argument is a slot or belongs to the Problem; otherwise that call keeps the ordinary path.
 
@@ -96,12 +96,13 @@ class Replay:
     def __init__(self, steps: list[tuple], aligned: tuple[bool, ...]) -> None:
         #: ``(compiled kernel, grid, arguments, [(position, slot)], [(position, slot, descriptor)])``
         self.steps = steps
-        #: whether each slot's data was 16-byte aligned in the recorded call
+        #: whether each buffer the recorded call allocated was 16-byte aligned (the inputs' alignment
+        #: is part of the layout key)
         self.aligned = aligned
 
-    def fits(self, slots: Sequence[torch.Tensor]) -> bool:
-        """Whether every slot is aligned as in the recorded call (allocated buffers included)."""
-        return tuple([t.data_ptr() % 16 == 0 for t in slots]) == self.aligned
+    def fits(self, buffers: Sequence[torch.Tensor]) -> bool:
+        """Whether every buffer this call allocated is aligned as in the recorded call."""
+        return tuple([t.data_ptr() % 16 == 0 for t in buffers]) == self.aligned
 
     def run(self, slots: Sequence[torch.Tensor]) -> None:
         """Launches every recorded kernel with ``slots`` in place of the recorded call's tensors."""
@@ -132,14 +133,17 @@ def _holds_tensor(arg: object) -> bool:
     return hasattr(arg, "data_ptr")
 
 
-def build(launches: list, slots: Sequence[torch.Tensor], owned: Sequence[torch.Tensor]) -> Replay | None:
-    """A :class:`Replay` of the recorded ``launches`` (:func:`recording`), or ``None`` when one of them
-    took Triton's own path, or passed a tensor that is neither one of ``slots`` nor one of ``owned``
+def build(launches: list, inputs: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
+          owned: Sequence[torch.Tensor]) -> Replay | None:
+    """A :class:`Replay` of the recorded ``launches`` (:func:`recording`), whose slots are the call's
+    ``inputs`` then the ``buffers`` it allocated, or ``None`` when one of the launches took Triton's
+    own path, or passed a tensor that is neither a slot nor one of ``owned``
     (tensors that live with the Problem, such as its band table), or an argument of another kind
     that holds a tensor. Other arguments (integers, floats, strings, constexpr values) are kept as
     they were."""
     if not launches or any(launch is None for launch in launches):
         return None
+    slots = (*inputs, *buffers)
     steps = []
     for kernel, grid, args in launches:
         tensor_slots, descriptor_slots = [], []
@@ -166,7 +170,7 @@ def build(launches: list, slots: Sequence[torch.Tensor], owned: Sequence[torch.T
             template[position] = None
             descriptor_slots[i] = (position, slot, rebased(descriptor, None))
         steps.append((kernel, grid, tuple(template), tensor_slots, descriptor_slots))
-    return Replay(steps, tuple([t.data_ptr() % 16 == 0 for t in slots]))
+    return Replay(steps, tuple([t.data_ptr() % 16 == 0 for t in buffers]))
 
 
 _local = threading.local()
@@ -197,21 +201,21 @@ def lookup(p: Any, kind: str, settings: tuple, inputs: Sequence[torch.Tensor]) -
     return store, key, store.find(key)
 
 
-def launch_or_replay(found: tuple, slots: Sequence[torch.Tensor], launches: Callable[[], None],
-                     owned: Sequence[torch.Tensor]) -> None:
+def launch_or_replay(found: tuple, inputs: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
+                     launches: Callable[[], None], owned: Sequence[torch.Tensor]) -> None:
     """Runs ``launches()`` (the ordinary launch path of the call :func:`lookup` gave ``found`` for), or
-    the replay stored for it. ``slots`` are every tensor the launches take (the inputs, then the
-    buffers the call allocated) and ``owned`` the tensors that live with the Problem. A call with
+    the replay stored for it. The launches take the call's ``inputs`` (those given to :func:`lookup`),
+    the ``buffers`` it allocated and ``owned``, the tensors that live with the Problem. A call with
     nothing stored yet is recorded, and what it yields is kept."""
     store, key, entry = found
-    if isinstance(entry, Replay) and entry.fits(slots):
-        entry.run(slots)
+    if isinstance(entry, Replay) and entry.fits(buffers):
+        entry.run((*inputs, *buffers))
     elif store is None or entry is not None:  # off, not replayable, or a buffer aligned unlike before
         launches()
     else:
         with recording() as launched:
             launches()
-        store.keep(key, build(launched, slots, owned))
+        store.keep(key, build(launched, inputs, buffers, owned))
 
 
 def record(entry: tuple | None) -> None:
@@ -236,17 +240,16 @@ class Replays:
     def keep(self, key: tuple, replay: Replay | None) -> None:
         """Stores what recording a call under ``key`` gave; after :data:`MAX_ATTEMPTS` calls without
         a replay the key is marked :data:`NOT_REPLAYABLE`."""
-        if len(self._by_key) >= MAX_KEYS and key not in self._by_key:
-            self._by_key.clear()
-        if replay is not None:
-            self._by_key[key] = replay
-            return
-        previous = self._by_key.get(key)
-        attempts = previous + 1 if isinstance(previous, int) else 1
-        self._by_key[key] = NOT_REPLAYABLE if attempts >= MAX_ATTEMPTS else attempts
+        if replay is None:
+            previous = self._by_key.get(key)
+            attempts = previous + 1 if isinstance(previous, int) else 1
+            self.mark(key, NOT_REPLAYABLE if attempts >= MAX_ATTEMPTS else attempts)
+        else:
+            self.mark(key, replay)
 
     def mark(self, key: tuple, value: object) -> None:
-        """Stores a caller's own marker under ``key`` (such as the backward's choice of schedule)."""
+        """Stores ``value`` under ``key``: a caller's own marker (such as the backward's choice of
+        schedule), or what :meth:`keep` decided. A full store is cleared first."""
         if len(self._by_key) >= MAX_KEYS and key not in self._by_key:
             self._by_key.clear()
         self._by_key[key] = value
